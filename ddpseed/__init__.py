@@ -1,0 +1,51 @@
+"""ddpseed: one call makes every rank of a PyTorch DDP job agree on its seeds.
+
+    >>> import ddpseed
+    >>> plan = ddpseed.setup(seed=1234)                      # doctest: +SKIP
+    >>> loader = plan.dataloader(dataset, batch_size=32, num_workers=4)   # doctest: +SKIP
+"""
+
+from .derivation import SeedTable, process_seed, seed_table, validate_seed, worker_seed
+from .errors import (
+    CoordinationError,
+    DDPSeedError,
+    SeedMismatchError,
+    SeedValueError,
+    StateError,
+    TopologyError,
+)
+from .plan import SeedPlan, setup, topology
+from .sampler import SeededDistributedSampler
+try:  # TEMP until scalable.py lands
+    from .scalable import ScalableDistributedSampler
+except ImportError:  # pragma: no cover
+    pass
+from .state import load_state, save_state
+from .topology import Topology
+from .workers import WorkerInitFn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CoordinationError",
+    "DDPSeedError",
+    "ScalableDistributedSampler",
+    "SeedMismatchError",
+    "SeedPlan",
+    "SeedTable",
+    "SeedValueError",
+    "SeededDistributedSampler",
+    "StateError",
+    "Topology",
+    "TopologyError",
+    "WorkerInitFn",
+    "__version__",
+    "load_state",
+    "process_seed",
+    "save_state",
+    "seed_table",
+    "setup",
+    "topology",
+    "validate_seed",
+    "worker_seed",
+]

@@ -1,0 +1,273 @@
+"""Bring up ``torch.distributed`` and make every rank agree on one base seed.
+
+Agreement is one ``all_gather`` of a fixed-size int64 record per rank, not a bare broadcast:
+each rank contributes its own explicit seed (or the error it hit validating it), so every rank
+sees every other rank's input and reaches the same verdict. A rank with a bad value therefore
+fails *with* its peers instead of leaving them blocked in a collective until a watchdog fires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import IntEnum
+
+import torch
+import torch.distributed as dist
+
+from .errors import CoordinationError, SeedMismatchError, SeedValueError, TopologyError
+from .topology import Topology
+
+log = logging.getLogger(__name__)
+
+_MAGIC = 0xDD5EED01
+_HEADER = 8
+_TEXT_BYTES = 256
+_WIDTH = _HEADER + _TEXT_BYTES // 8
+_generation = 0
+
+
+class Source(IntEnum):
+    NONE = 0
+    ARGUMENT = 1
+    ENVIRONMENT = 2
+    RECORD = 3
+    ENTROPY = 4
+
+    @property
+    def label(self) -> str:
+        return {
+            Source.NONE: "none",
+            Source.ARGUMENT: "argument",
+            Source.ENVIRONMENT: "DDPSEED_SEED",
+            Source.RECORD: "run record",
+            Source.ENTROPY: "entropy",
+        }[self]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What one rank brings to the agreement."""
+
+    source: Source = Source.NONE
+    seed: int | None = None
+    error: str | None = None  # this rank's validation error, shown on every rank
+    fallback: int | None = None  # rank 0 only: the record or fresh entropy used if nobody is explicit
+    fallback_source: Source = Source.NONE
+
+
+@dataclass(frozen=True)
+class Agreement:
+    base_seed: int
+    source: Source
+
+
+def _encode(p: Proposal, world_size: int) -> torch.Tensor:
+    row = torch.zeros(_WIDTH, dtype=torch.int64)
+    row[0] = _MAGIC
+    row[1] = 2 if p.error else (1 if p.seed is not None else 0)
+    row[2] = int(p.source)
+    row[3] = p.seed if p.seed is not None else -1
+    row[4] = p.fallback if p.fallback is not None else -1
+    row[5] = int(p.fallback_source)
+    row[6] = world_size
+    text = (p.error or "").encode()[:_TEXT_BYTES]
+    row[7] = len(text)
+    padded = text.ljust(_TEXT_BYTES, b"\0")
+    row[_HEADER:] = torch.frombuffer(bytearray(padded), dtype=torch.int64)
+    return row
+
+
+def _decode_text(row: torch.Tensor) -> str:
+    raw = row[_HEADER:].contiguous().numpy().tobytes()
+    return raw[: int(row[7])].decode(errors="replace")
+
+
+def ranks_text(ranks: Sequence[int]) -> str:
+    """Compact rank list: ``ranks_text([0, 1, 2, 5])`` is ``'0-2,5'``."""
+    parts: list[str] = []
+    items = sorted(ranks)
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def decide(rows: torch.Tensor, world_size: int) -> Agreement:
+    """The verdict every rank reaches from the gathered records (pure; raises on conflict)."""
+    if not bool((rows[:, 0] == _MAGIC).all()):
+        odd = [r for r in range(rows.shape[0]) if int(rows[r, 0]) != _MAGIC]
+        raise CoordinationError(
+            f"ranks {ranks_text(odd)} sent something other than a ddpseed seed record: another "
+            "collective is running concurrently on the default group; call ddpseed.setup at "
+            "the same point of the script on every rank"
+        )
+    sizes = {int(v) for v in rows[:, 6]}
+    if sizes != {world_size}:
+        raise TopologyError(
+            f"ranks disagree on the world size ({sorted(sizes)}); every rank must come from "
+            "the same launch"
+        )
+    errors = [(r, _decode_text(rows[r])) for r in range(world_size) if int(rows[r, 1]) == 2]
+    if errors:
+        lines = "\n".join(f"  rank {r}: {msg}" for r, msg in errors)
+        raise SeedValueError(
+            f"invalid seed on {len(errors)} of {world_size} ranks; no rank was seeded:\n{lines}"
+        )
+    explicit: dict[tuple[int, Source], list[int]] = {}
+    missing: list[int] = []
+    for r in range(world_size):
+        if int(rows[r, 1]) == 1:
+            explicit.setdefault((int(rows[r, 3]), Source(int(rows[r, 2]))), []).append(r)
+        else:
+            missing.append(r)
+    if explicit and (missing or len({seed for seed, _ in explicit}) > 1):
+        groups = [
+            f"  seed {seed} (from {src.label}) on ranks {ranks_text(rs)}"
+            for (seed, src), rs in sorted(explicit.items(), key=lambda kv: kv[1][0])
+        ]
+        if missing:
+            groups.append(f"  no seed on ranks {ranks_text(missing)}")
+        raise SeedMismatchError(
+            "ranks were given different seeds; ddpseed will not pick one silently:\n"
+            + "\n".join(groups)
+            + "\nfix: pass the same seed= on every rank, or set DDPSEED_SEED identically on "
+            "every node (or unset it everywhere to draw one on rank 0)"
+        )
+    if explicit:
+        (seed, src), _ = next(iter(explicit.items()))
+        return Agreement(seed, src)
+    fallback = int(rows[0, 4])
+    if fallback < 0:
+        raise CoordinationError("rank 0 sent no seed; this is a ddpseed bug, please report it")
+    return Agreement(fallback, Source(int(rows[0, 5])))
+
+
+def _default_store() -> dist.Store | None:
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # diagnostics only: a private API may move between torch releases
+        return None
+
+
+def _absent_ranks(store: dist.Store | None, key: str, world_size: int) -> list[int] | None:
+    if store is None or world_size > 4096:
+        return None
+    try:
+        return [r for r in range(world_size) if not store.check([f"{key}/{r}"])]
+    except Exception:  # the store lives on rank 0's host; it may be the thing that died
+        return None
+
+
+def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
+    """Gather every rank's proposal and return the common verdict (raises on every rank)."""
+    if not topo.is_distributed:
+        return decide(_encode(proposal, 1).unsqueeze(0), 1)
+    global _generation
+    _generation += 1
+    key = f"ddpseed/agree/{_generation}"
+    store = _default_store()
+    if store is not None:
+        try:
+            store.set(f"{key}/{topo.rank}", "1")
+        except Exception as exc:
+            log.debug("could not mark arrival in the store: %s", exc)
+    backend = dist.get_backend()
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    )
+    mine = _encode(proposal, topo.world_size).to(device)
+    rows = [torch.empty_like(mine) for _ in range(topo.world_size)]
+    try:
+        work = dist.all_gather(rows, mine, async_op=True)
+        assert work is not None
+        work.wait(timeout=timedelta(seconds=timeout))
+    except Exception as exc:
+        absent = _absent_ranks(store, key, topo.world_size)
+        who = (
+            f"ranks {ranks_text(absent)} never reached it"
+            if absent
+            else "a peer failed or disconnected during it"
+        )
+        raise CoordinationError(
+            f"rank {topo.rank} on {socket.gethostname()}: seed agreement over "
+            f"{topo.world_size} ranks did not complete within {timeout:g}s: {who}. "
+            f"Look for the first error in those ranks' logs; a rank that crashed or was "
+            f"killed before ddpseed.setup stops the whole job. ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})" + loopback_hint(topo)
+        ) from exc
+    return decide(torch.stack([r.cpu() for r in rows]), topo.world_size)
+
+
+def ensure_process_group(topo: Topology, backend: str | None, timeout: float) -> bool:
+    """Initialise the default group from ``topo`` unless one exists; True if we created it."""
+    if not topo.is_distributed:
+        return False
+    if dist.is_initialized():
+        if dist.get_world_size() != topo.world_size or dist.get_rank() != topo.rank:
+            raise TopologyError(
+                f"the existing process group has rank {dist.get_rank()}/"
+                f"{dist.get_world_size()} but the {topo.launcher} environment says rank "
+                f"{topo.rank}/{topo.world_size}; initialise both from the same launcher"
+            )
+        return False
+    chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    hint = loopback_hint(topo)
+    if hint:
+        log.warning(hint.strip())
+    url = f"tcp://{_bracket(topo.master_addr)}:{topo.master_port}"
+    log.info("rank %d: init_process_group(%s, %s, world %d)", topo.rank, chosen, url, topo.world_size)
+    kwargs = {}
+    if chosen == "nccl":
+        kwargs["device_id"] = torch.device("cuda", topo.local_rank)
+    try:
+        dist.init_process_group(
+            backend=chosen,
+            init_method=url,
+            rank=topo.rank,
+            world_size=topo.world_size,
+            timeout=timedelta(seconds=timeout),
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except Exception as exc:
+        role = "listen" if topo.rank == 0 else "reach rank 0"
+        raise CoordinationError(
+            f"rank {topo.rank} on {socket.gethostname()}: could not {role} at "
+            f"{topo.master_addr}:{topo.master_port} and gather {topo.world_size} ranks within "
+            f"{timeout:g}s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})."
+            " Check that every rank has the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE, that "
+            "rank 0 is running, and that the port is free and reachable." + hint
+        ) from exc
+    return True
+
+
+def _bracket(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+def loopback_hint(topo: Topology) -> str:
+    """A hint when gloo would advertise a loopback address to peers on other hosts."""
+    if topo.num_nodes <= 1 or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return ""
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return ""
+    if not addr.startswith("127."):
+        return ""
+    return (
+        f" Hint: this job spans {topo.num_nodes} nodes but hostname {socket.gethostname()!r} "
+        f"resolves to loopback {addr}, so gloo tells peers to connect to 127.x; set "
+        "GLOO_SOCKET_IFNAME to the interface that reaches the other nodes (e.g. "
+        "GLOO_SOCKET_IFNAME=eth0) or fix /etc/hosts."
+    )

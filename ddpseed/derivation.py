@@ -1,0 +1,211 @@
+"""Pure seed arithmetic: no global state is read or written here.
+
+The default scheme is the one users can compute by hand::
+
+    >>> process_seed(1234, rank=3)
+    1237
+    >>> worker_seed(1234, rank=3, num_workers=4, worker_id=1)
+    1247
+    >>> worker_seed(1234, rank=3, num_workers=4, worker_id=1, epoch=1, world_size=8)
+    1279
+
+The opt-in ``"spawn"`` scheme derives every seed from one ``numpy.random.SeedSequence`` tree,
+so no process seed ever equals a worker seed, at the cost of seeds nobody can compute mentally.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .errors import SeedValueError
+
+SEED_SPACE = 2**32
+Scheme = Literal["default", "spawn"]
+SCHEMES: tuple[Scheme, ...] = ("default", "spawn")
+
+# Spawn-scheme tree: root SeedSequence(base) -> child 0 for process seeds, child 1 for workers.
+_PROCESS_BRANCH = 0
+_WORKER_BRANCH = 1
+
+
+def validate_seed(value: object, *, source: str = "seed") -> int:
+    """Return ``value`` as an int in ``[0, 2**32)`` or raise :class:`SeedValueError`.
+
+    Strings (from the environment) must be plain decimal integers.
+
+    >>> validate_seed("42", source="DDPSEED_SEED")
+    42
+    """
+    if isinstance(value, bool) or isinstance(value, float):
+        raise SeedValueError(
+            f"{source}={value!r} is a {type(value).__name__}; "
+            f"pass an integer in [0, 2**32), e.g. {source}=1234"
+        )
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or not (text.isdigit() or (text[0] in "+-" and text[1:].isdigit())):
+            raise SeedValueError(
+                f"{source}={value!r} is not a decimal integer; "
+                f"set an integer in [0, 2**32), e.g. {source}=1234, or unset it"
+            )
+        seed = int(text)
+    else:
+        try:
+            seed = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise SeedValueError(
+                f"{source}={value!r} is a {type(value).__name__}, not an integer; "
+                f"pass an integer in [0, 2**32)"
+            ) from None
+    if not 0 <= seed < SEED_SPACE:
+        raise SeedValueError(
+            f"{source}={seed} is outside [0, 2**32) = [0, {SEED_SPACE}); "
+            f"pass a value in range (for example {seed % SEED_SPACE})"
+        )
+    return seed
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown seed scheme {scheme!r}; choose one of {SCHEMES}")
+
+
+def _spawned_seed(base: int, branch: int, index: int) -> int:
+    seq = np.random.SeedSequence(base, spawn_key=(branch, index))
+    return int(seq.generate_state(1, dtype=np.uint32)[0])
+
+
+def process_seed(base: int, rank: int, *, scheme: Scheme = "default") -> int:
+    """The seed of rank ``rank``'s main process: ``(base + rank) mod 2**32``.
+
+    >>> process_seed(2**32 - 1, rank=1)
+    0
+    """
+    _check_scheme(scheme)
+    _check_nonneg(rank=rank)
+    if scheme == "spawn":
+        return _spawned_seed(base, _PROCESS_BRANCH, rank)
+    return (base + rank) % SEED_SPACE
+
+
+def worker_seed(
+    base: int,
+    rank: int,
+    num_workers: int,
+    worker_id: int,
+    epoch: int = 0,
+    world_size: int = 1,
+    *,
+    scheme: Scheme = "default",
+) -> int:
+    """The seed of DataLoader worker ``worker_id`` of rank ``rank`` in ``epoch``.
+
+    ``(base + (epoch * world_size + rank) * num_workers + worker_id) mod 2**32``; at epoch 0 that
+    is ``base + rank * num_workers + worker_id``. Each epoch moves every worker to a block of
+    seeds no other worker of the run has used, so non-persistent workers do not replay last
+    epoch's augmentations.
+
+    >>> worker_seed(100, rank=1, num_workers=2, worker_id=1)
+    103
+    """
+    _check_scheme(scheme)
+    _check_nonneg(rank=rank, epoch=epoch, worker_id=worker_id)
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}: worker seeds need at least one worker")
+    if not 0 <= worker_id < num_workers:
+        raise ValueError(f"worker_id={worker_id} is not in [0, num_workers={num_workers})")
+    # world_size only matters past epoch 0; there a rank outside it would reuse seeds.
+    if world_size < 1 or (epoch > 0 and rank >= world_size):
+        raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+    slot = (epoch * world_size + rank) * num_workers + worker_id
+    if scheme == "spawn":
+        return _spawned_seed(base, _WORKER_BRANCH, slot)
+    return (base + slot) % SEED_SPACE
+
+
+def _check_nonneg(**values: int) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
+
+
+@dataclass(frozen=True)
+class SeedTable:
+    """Every seed of a run: ``process[rank]`` and ``workers[epoch][rank][worker_id]``."""
+
+    base: int
+    world_size: int
+    num_workers: int
+    epochs: int
+    scheme: Scheme
+    process: tuple[int, ...]
+    workers: tuple[tuple[tuple[int, ...], ...], ...]
+
+    def collisions(self) -> list[tuple[int, list[str]]]:
+        """Seeds used by more than one process or worker, with who uses them.
+
+        >>> seed_table(0, world_size=2, num_workers=2).collisions()[0]
+        (0, ['process rank 0', 'worker rank 0 id 0 epoch 0'])
+        """
+        users: dict[int, list[str]] = {}
+        for rank, seed in enumerate(self.process):
+            users.setdefault(seed, []).append(f"process rank {rank}")
+        for epoch, ranks in enumerate(self.workers):
+            for rank, seeds in enumerate(ranks):
+                for wid, seed in enumerate(seeds):
+                    users.setdefault(seed, []).append(f"worker rank {rank} id {wid} epoch {epoch}")
+        return sorted((s, who) for s, who in users.items() if len(who) > 1)
+
+
+def seed_table(
+    base: int,
+    world_size: int,
+    num_workers: int,
+    epochs: int = 1,
+    *,
+    scheme: Scheme = "default",
+) -> SeedTable:
+    """All seeds of a run of ``epochs`` epochs, for display and collision checks."""
+    base = validate_seed(base)
+    ranks = range(world_size)
+    process = tuple(process_seed(base, r, scheme=scheme) for r in ranks)
+    workers = tuple(
+        tuple(
+            tuple(
+                worker_seed(base, r, num_workers, w, e, world_size, scheme=scheme)
+                for w in range(num_workers)
+            )
+            for r in ranks
+        )
+        for e in range(epochs)
+    )
+    return SeedTable(base, world_size, num_workers, epochs, scheme, process, workers)
+
+
+def batch_seed(worker_seed_value: int, ordinal: int) -> int:
+    """The seed a worker slot uses for its ``ordinal``-th batch of an epoch.
+
+    Ordinal 0 is the worker seed itself, so the first batch draws exactly what a worker seeded
+    once with ``worker_init_fn`` draws; later batches get independent ``SeedSequence`` children.
+    Making each batch's randomness a pure function of its position is what lets a resumed run
+    reproduce batches whose worker was killed mid-epoch.
+
+    >>> batch_seed(1234, 0)
+    1234
+    """
+    if ordinal == 0:
+        return worker_seed_value
+    seq = np.random.SeedSequence(worker_seed_value, spawn_key=(2, ordinal))
+    return int(seq.generate_state(1, dtype=np.uint32)[0])
+
+
+def disjoint(seeds: Iterable[int]) -> bool:
+    """True when no seed repeats."""
+    items = list(seeds)
+    return len(set(items)) == len(items)
+

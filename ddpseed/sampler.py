@@ -1,0 +1,113 @@
+"""Distributed samplers that shard one permutation chosen by the shared base seed.
+
+:class:`SeededDistributedSampler` is torch's ``DistributedSampler`` (same order at every epoch)
+plus what exact resume needs: a one-shot start position (:meth:`~ResumableSampler.seek`) and a
+warning when an epoch is replayed because ``set_epoch`` was forgotten.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+from collections.abc import Iterator, Sized
+from typing import Any
+
+from torch.utils.data import DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+class ResumableSampler:
+    """Epoch bookkeeping shared by ddpseed's samplers.
+
+    Subclasses provide ``_indices(start)`` yielding this rank's shard from position ``start``
+    and ``__len__``; this mixin owns ``epoch``, the one-shot seek and the replay warning.
+    """
+
+    epoch: int
+    _start: int = 0
+    _iterated_epoch: int | None = None
+    _warned_replay: bool = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``; a new epoch drops any pending seek."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0")
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = epoch
+
+    def seek(self, position: int) -> None:
+        """Make the next iteration start at ``position`` of this rank's shard (0-based)."""
+        length = len(self)  # type: ignore[arg-type]
+        if not 0 <= position <= length:
+            raise ValueError(f"position {position} is outside this rank's shard [0, {length}]")
+        self._start = position
+
+    def _check_replay(self) -> None:
+        if self._iterated_epoch == self.epoch and not self._warned_replay:
+            self._warned_replay = True
+            warnings.warn(
+                f"{type(self).__name__} iterated twice at epoch {self.epoch}: every epoch will "
+                "see the same order; call set_epoch(epoch) (or plan.set_epoch) before each epoch",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._iterated_epoch = self.epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self._check_replay()
+        start, self._start = self._start, 0
+        return self._indices(start)
+
+    def _indices(self, start: int) -> Iterator[int]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch}
+
+
+class SeededDistributedSampler(ResumableSampler, DistributedSampler[int]):
+    """``torch.utils.data.DistributedSampler`` with the same order, plus seek and replay warning.
+
+    >>> s = SeededDistributedSampler(range(10), num_replicas=2, rank=1, seed=7)
+    >>> list(s) == list(DistributedSampler(range(10), num_replicas=2, rank=1, seed=7))
+    True
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        DistributedSampler.__init__(
+            self, dataset, num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
+            shuffle=shuffle, seed=seed, drop_last=drop_last,
+        )
+
+    def _indices(self, start: int) -> Iterator[int]:
+        # torch builds the whole shard list; skipping its head is a seek, not a data replay.
+        return itertools.islice(DistributedSampler.__iter__(self), start, None)
+
+    def __iter__(self) -> Iterator[int]:
+        return ResumableSampler.__iter__(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        ResumableSampler.set_epoch(self, epoch)
+
+
+def sampler_kwargs(sampler: Any) -> dict[str, Any]:
+    """The constructor arguments that select a sampler's order (for state checks)."""
+    return {
+        "num_replicas": sampler.num_replicas,
+        "rank": sampler.rank,
+        "shuffle": sampler.shuffle,
+        "seed": sampler.seed,
+        "drop_last": sampler.drop_last,
+        "len": len(sampler),
+    }

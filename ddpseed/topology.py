@@ -1,0 +1,239 @@
+"""Where this process sits in the job, read from the launcher's environment.
+
+One small class per launcher maps its variables to a :class:`Topology`; :func:`detect` asks
+them in order of precedence (torchrun beats Slurm, since torchrun inside an sbatch allocation
+sets both, and its variables describe the processes that actually run)::
+
+    >>> detect({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    Topology(torchrun rank 1/2 local 1/2 node 0/1 master 127.0.0.1:29500)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .errors import TopologyError
+from .hostlist import expand_hostlist, parse_tasks_per_node
+
+log = logging.getLogger(__name__)
+
+Launcher = Literal["torchrun", "slurm", "single"]
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Rank, sizes and rendezvous address of this process. Immutable."""
+
+    launcher: Launcher
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    master_addr: str
+    master_port: int
+    # Identifies the job across restarts (torchrun's rdzv id, Slurm's job id), if any.
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"{self.launcher} environment"
+        if self.world_size < 1:
+            raise TopologyError(f"{where}: world size {self.world_size} must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            raise TopologyError(
+                f"{where}: rank {self.rank} is not in [0, world size {self.world_size}); "
+                "check RANK/SLURM_PROCID and WORLD_SIZE/SLURM_NTASKS come from the same launch"
+            )
+        if not 0 <= self.local_rank < self.local_world_size:
+            raise TopologyError(
+                f"{where}: rank {self.rank} has local rank {self.local_rank}, not in "
+                f"[0, local world size {self.local_world_size})"
+            )
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise TopologyError(
+                f"{where}: rank {self.rank} is on node {self.node_rank}, "
+                f"not in [0, {self.num_nodes} nodes)"
+            )
+        if not 0 < self.master_port < 65536:
+            raise TopologyError(f"{where}: master port {self.master_port} is not a TCP port")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Topology({self.launcher} rank {self.rank}/{self.world_size} "
+            f"local {self.local_rank}/{self.local_world_size} "
+            f"node {self.node_rank}/{self.num_nodes} "
+            f"master {self.master_addr}:{self.master_port})"
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise TopologyError(f"{name} is not set; the launcher must set it (or unset RANK)")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise TopologyError(f"{name}={raw!r} is not an integer") from None
+
+
+class LauncherEnvironment:
+    """Maps one launcher's variables to a :class:`Topology`."""
+
+    name: ClassVar[Launcher]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.env: Mapping[str, str] = os.environ if environ is None else environ
+
+    def activated(self) -> bool:
+        raise NotImplementedError
+
+    def topology(self) -> Topology:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(activated={self.activated()})"
+
+
+class TorchrunEnvironment(LauncherEnvironment):
+    """``torchrun`` / ``torch.distributed.run``, or any env:// launch that sets ``RANK``."""
+
+    name = "torchrun"
+
+    def activated(self) -> bool:
+        return "RANK" in self.env or "TORCHELASTIC_RUN_ID" in self.env
+
+    def topology(self) -> Topology:
+        env = self.env
+        if "WORLD_SIZE" not in env:
+            raise TopologyError(
+                f"RANK={env.get('RANK')!r} is set but WORLD_SIZE is not; launch with torchrun "
+                "or set WORLD_SIZE (and MASTER_ADDR/MASTER_PORT) on every rank"
+            )
+        rank = _int(env, "RANK")
+        world = _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        num_nodes = _int(env, "GROUP_WORLD_SIZE", -(-world // max(local_world, 1)))
+        run_id = env.get("TORCHELASTIC_RUN_ID")
+        return Topology(
+            launcher="torchrun",
+            rank=rank,
+            local_rank=_int(env, "LOCAL_RANK", rank),
+            world_size=world,
+            local_world_size=local_world,
+            node_rank=_int(env, "GROUP_RANK", 0),
+            num_nodes=num_nodes,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
+            # torchrun's default rdzv id is the literal "none": not an identity.
+            run_id=None if run_id in (None, "", "none") else f"torchrun-{run_id}",
+        )
+
+
+class SlurmEnvironment(LauncherEnvironment):
+    """A task started by ``srun`` (inside ``sbatch``/``salloc`` or not)."""
+
+    name = "slurm"
+
+    def in_allocation(self) -> bool:
+        return "SLURM_JOB_ID" in self.env or "SLURM_JOBID" in self.env
+
+    def in_step(self) -> bool:
+        # The batch script itself runs with SLURM_PROCID=0 and the allocation's SLURM_NTASKS,
+        # but it is one process: only srun-launched tasks carry a step id other than "batch".
+        step = self.env.get("SLURM_STEP_ID", self.env.get("SLURM_STEPID"))
+        return step is not None and step not in ("batch", "4294967294")
+
+    def activated(self) -> bool:
+        return "SLURM_PROCID" in self.env and self.in_step()
+
+    def topology(self) -> Topology:
+        env = self.env
+        job_id = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", ""))
+        world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
+        nodes_var = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in env else "SLURM_JOB_NODELIST"
+        nodelist = env.get(nodes_var, env.get("SLURM_NODELIST", ""))
+        hosts = expand_hostlist(nodelist) if nodelist else ["127.0.0.1"]
+        tasks_var = (
+            "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in env
+            else "SLURM_TASKS_PER_NODE"
+        )
+        node_rank = _int(env, "SLURM_NODEID", 0)
+        tasks_spec = env.get(tasks_var)
+        if tasks_spec:
+            per_node = parse_tasks_per_node(tasks_spec)
+            if node_rank >= len(per_node):
+                raise TopologyError(
+                    f"SLURM_NODEID={node_rank} but {tasks_var}={tasks_spec!r} lists "
+                    f"{len(per_node)} nodes"
+                )
+            local_world = per_node[node_rank]
+        else:
+            local_world = world
+        default_port = 10000 + int(job_id) % 20000 if job_id.isdigit() else DEFAULT_PORT
+        return Topology(
+            launcher="slurm",
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            world_size=world,
+            local_world_size=local_world,
+            node_rank=node_rank,
+            num_nodes=_int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", len(hosts))),
+            master_addr=env.get("MASTER_ADDR") or hosts[0],
+            master_port=_int(env, "MASTER_PORT", default_port),
+            run_id=f"slurm-{job_id}" if job_id else None,
+        )
+
+
+class SingleEnvironment(LauncherEnvironment):
+    """A plain ``python train.py``: a world of one."""
+
+    name = "single"
+
+    def activated(self) -> bool:
+        return True
+
+    def topology(self) -> Topology:
+        env = self.env
+        job_id = env.get("SLURM_JOB_ID")
+        return Topology(
+            launcher="single", rank=0, local_rank=0, world_size=1, local_world_size=1,
+            node_rank=0, num_nodes=1, master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
+            run_id=f"slurm-{job_id}" if job_id else None,
+        )
+
+
+ENVIRONMENTS: tuple[type[LauncherEnvironment], ...] = (
+    TorchrunEnvironment,
+    SlurmEnvironment,
+    SingleEnvironment,
+)
+
+
+def detect(environ: Mapping[str, str] | None = None) -> Topology:
+    """The topology of this process, from the first launcher whose variables are present."""
+    env = os.environ if environ is None else environ
+    slurm = SlurmEnvironment(env)
+    if slurm.in_allocation() and not slurm.in_step() and not TorchrunEnvironment(env).activated():
+        log.info(
+            "inside Slurm job %s but outside srun (the batch script itself): running as a "
+            "single process; start one task per GPU with srun to get a distributed world",
+            env.get("SLURM_JOB_ID", env.get("SLURM_JOBID")),
+        )
+    for cls in ENVIRONMENTS:
+        launcher = cls(env)
+        if launcher.activated():
+            return launcher.topology()
+    raise AssertionError("SingleEnvironment is always activated")
