@@ -225,15 +225,26 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
     hint = loopback_hint(topo)
     if hint:
         log.warning(hint.strip())
-    url = f"tcp://{_bracket(topo.master_addr)}:{topo.master_port}"
-    log.info("rank %d: init_process_group(%s, %s, world %d)", topo.rank, chosen, url, topo.world_size)
+    # torchrun's agent keeps one TCPStore across restart attempts, while init_process_group's
+    # keys are the same every attempt: a restarted rank could read the gloo address of a rank
+    # that died. Namespacing the store by attempt keeps each attempt's keys apart.
+    url = (
+        "env://" if topo.launcher == "torchrun"
+        else f"tcp://{_bracket(topo.master_addr)}:{topo.master_port}"
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    log.info("rank %d: init_process_group(%s, %s, world %d, attempt %s)",
+             topo.rank, chosen, url, topo.world_size, attempt)
     kwargs = {}
     if chosen == "nccl":
         kwargs["device_id"] = torch.device("cuda", topo.local_rank)
     try:
+        store, _, _ = next(
+            dist.rendezvous(url, topo.rank, topo.world_size, timeout=timedelta(seconds=timeout))
+        )
         dist.init_process_group(
             backend=chosen,
-            init_method=url,
+            store=dist.PrefixStore(f"ddpseed/attempt_{attempt}", store),
             rank=topo.rank,
             world_size=topo.world_size,
             timeout=timedelta(seconds=timeout),

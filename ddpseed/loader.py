@@ -27,15 +27,15 @@ class Progress:
 class TrackedDataLoader(DataLoader[Any]):
     """``torch.utils.data.DataLoader`` that tracks and can restore its data position."""
 
-    def __init__(self, *args: Any, shard_sampler: Any, seed: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, shard_sampler: Any, seed: int, step_size: int, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.shard_sampler = shard_sampler
+        # Samples per item yielded; torch's own batch_size is None under a batch_sampler.
+        self.step_size = step_size
         self.progress = Progress()
         self._seed = seed
-
-    @property
-    def step_size(self) -> int:
-        return self.batch_size if self.batch_size is not None else 1
 
     def __iter__(self) -> Iterator[Any]:
         # torch draws the workers' base seed from this generator at each new iterator; making

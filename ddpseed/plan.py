@@ -193,7 +193,8 @@ class SeedPlan:
             loader_kwargs.update(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
             data = dataset
         loader = TrackedDataLoader(
-            data, shard_sampler=sampler, seed=self.process_seed, generator=self.generator(),
+            data, shard_sampler=sampler, seed=self.process_seed, step_size=batch_size or 1,
+            generator=self.generator(),
             **loader_kwargs,
         )
         index = len(self._loaders)
