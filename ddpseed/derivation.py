@@ -9,8 +9,10 @@ The default scheme is the one users can compute by hand::
     >>> worker_seed(1234, rank=3, num_workers=4, worker_id=1, epoch=1, world_size=8)
     1279
 
-The opt-in ``"spawn"`` scheme derives every seed from one ``numpy.random.SeedSequence`` tree,
-so no process seed ever equals a worker seed, at the cost of seeds nobody can compute mentally.
+The opt-in ``"disjoint"`` scheme gives every process and worker its own slot (even numbers for
+processes, odd for workers) and maps slots through a bijection on 32 bits keyed by the base
+seed. Distinct slots give distinct seeds, so no seed repeats anywhere in a run (up to 2**31
+slots), at the cost of seeds nobody can compute mentally.
 """
 
 from __future__ import annotations
@@ -25,12 +27,9 @@ import numpy as np
 from .errors import SeedValueError
 
 SEED_SPACE = 2**32
-Scheme = Literal["default", "spawn"]
-SCHEMES: tuple[Scheme, ...] = ("default", "spawn")
-
-# Spawn-scheme tree: root SeedSequence(base) -> child 0 for process seeds, child 1 for workers.
-_PROCESS_BRANCH = 0
-_WORKER_BRANCH = 1
+Scheme = Literal["default", "disjoint"]
+SCHEMES: tuple[Scheme, ...] = ("default", "disjoint")
+_MASK = SEED_SPACE - 1
 
 
 def validate_seed(value: object, *, source: str = "seed") -> int:
@@ -75,9 +74,19 @@ def _check_scheme(scheme: str) -> None:
         raise ValueError(f"unknown seed scheme {scheme!r}; choose one of {SCHEMES}")
 
 
-def _spawned_seed(base: int, branch: int, index: int) -> int:
-    seq = np.random.SeedSequence(base, spawn_key=(branch, index))
-    return int(seq.generate_state(1, dtype=np.uint32)[0])
+def _fmix32(x: int) -> int:
+    # murmur3's finaliser: each step (xor-shift, odd multiply) is invertible on 32 bits.
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _MASK
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _MASK
+    return x ^ (x >> 16)
+
+
+def _keyed_bijection(base: int, slot: int) -> int:
+    """A bijection of ``slot`` on [0, 2**32) chosen by ``base``; distinct slots never collide."""
+    x = _fmix32((slot ^ base) & _MASK)
+    return _fmix32((x + _fmix32(base ^ 0x9E3779B9)) & _MASK)
 
 
 def process_seed(base: int, rank: int, *, scheme: Scheme = "default") -> int:
@@ -88,8 +97,8 @@ def process_seed(base: int, rank: int, *, scheme: Scheme = "default") -> int:
     """
     _check_scheme(scheme)
     _check_nonneg(rank=rank)
-    if scheme == "spawn":
-        return _spawned_seed(base, _PROCESS_BRANCH, rank)
+    if scheme == "disjoint":
+        return _keyed_bijection(base, 2 * rank)
     return (base + rank) % SEED_SPACE
 
 
@@ -123,8 +132,8 @@ def worker_seed(
     if world_size < 1 or (epoch > 0 and rank >= world_size):
         raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
     slot = (epoch * world_size + rank) * num_workers + worker_id
-    if scheme == "spawn":
-        return _spawned_seed(base, _WORKER_BRANCH, slot)
+    if scheme == "disjoint":
+        return _keyed_bijection(base, 2 * slot + 1)
     return (base + slot) % SEED_SPACE
 
 

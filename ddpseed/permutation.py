@@ -7,14 +7,16 @@ to ``n``::
     >>> perm = FeistelPermutation(10, key=1234)
     >>> sorted(perm(np.arange(10)).tolist()) == list(range(10))
     True
-    >>> int(perm(np.array([3]))[0]) == int(perm(np.arange(10))[3])
+    >>> perm.index(3) == int(perm(np.arange(10))[3])
     True
 
-The network works on the ``b = max(1, ceil(log2 n))`` bits covering ``n``. Each round splits
-the state into a high and a low part (``b // 2`` and ``b - b // 2`` bits, sizes swapping every
-round, so odd ``b`` works) and replaces ``(high, low)`` with ``(low, high ^ F(low, round_key))``.
-Outputs ``>= n`` are pushed through the network again ("cycle walking"); since ``2**b < 2 * n``
-that takes fewer than two passes on average and keeps the map an exact bijection on ``[0, n)``.
+The network works on the ``b = max(4, ceil(log2 n))`` bits covering ``n``, split into a left
+half of ``b // 2`` bits and a right half of ``b - b // 2``. Each round maps ``(L, R)`` to
+``(R, L ^ F(R))``, so the halves trade widths every round and odd ``b`` works. ``F`` keeps the
+top ``width(L)`` bits of a multiply-xorshift-multiply hash (murmur3's finaliser constants) of
+``R ^ round_key``. Outputs ``>= n`` are pushed through the network again ("cycle walking"),
+which keeps the map an exact bijection on ``[0, n)``; for ``n > 8``, ``2**b < 2 * n``, so that
+takes under two passes on average.
 
 Only ``uint64`` numpy arithmetic with explicit masks is used (wrapping multiplication is defined
 for numpy arrays), and round keys come from ``numpy.random.SeedSequence``, so the permutation of
@@ -27,6 +29,7 @@ import operator
 
 import numpy as np
 import numpy.typing as npt
+from numpy.random import SeedSequence  # numpy imports np.random lazily; pay that at import
 
 U64 = npt.NDArray[np.uint64]
 
@@ -37,10 +40,12 @@ _KEY_TAG = 0x46454953  # "FEIS"
 _M1_INT = 0xFF51AFD7ED558CCD  # murmur3 fmix64 multipliers
 _M2_INT = 0xC4CEB9FE1A85EC53
 _M1, _M2 = np.uint64(_M1_INT), np.uint64(_M2_INT)
+_S33 = np.uint64(33)
 _MASK64 = 2**64 - 1
+# Halves of 1 or 2 bits mix too little per round; walking up from 16 values costs nothing.
+_MIN_BITS = 4
 # Cycle-walk in Python once this few values are left: numpy's per-call cost dominates there.
 _SCALAR_TAIL = 16
-_S33 = np.uint64(33)
 
 
 def round_keys(key: int, rounds: int) -> tuple[int, ...]:
@@ -49,59 +54,36 @@ def round_keys(key: int, rounds: int) -> tuple[int, ...]:
     >>> round_keys(0, 2) == round_keys(0, 3)[:2]
     True
     """
-    seq = np.random.SeedSequence(key, spawn_key=(_KEY_TAG,))
+    seq = SeedSequence(key, spawn_key=(_KEY_TAG,))
     return tuple(int(k) for k in seq.generate_state(rounds, dtype=np.uint64))
 
 
-def _mix_top(z: U64, tmp: U64, width: int) -> None:
-    """Replace ``z`` by the top ``width`` bits (1..32) of murmur3's fmix64 of ``z``."""
-    np.right_shift(z, _S33, out=tmp)
-    z ^= tmp
-    z *= _M1
-    np.right_shift(z, _S33, out=tmp)
-    z ^= tmp
-    z *= _M2
-    z >>= np.uint64(64 - width)
+def round_function(right: U64, round_key: int, width: int, out: U64, tmp: U64) -> U64:
+    """``F(right)``: ``width`` (1..32) bits of ``right ^ round_key`` hashed, written to ``out``.
 
-
-def feistel_round(
-    x: U64, round_key: int, high_bits: int, low_bits: int, scratch: U64 | None = None
-) -> None:
-    """One round, in place, on ``high_bits + low_bits``-bit states: ``(hi, lo) -> (lo, hi ^ F(lo))``.
-
-    Afterwards ``x`` has ``low_bits`` high bits and ``high_bits`` low bits. ``scratch`` is an
-    optional ``(3, len(x))`` buffer, so that a pass of many rounds allocates once.
-
-    >>> x = np.array([5, 6], dtype=np.uint64)
-    >>> feistel_round(x, 7, 0, 3); x.tolist()  # no high half: the state moves up unchanged
-    [5, 6]
-    """
-    if high_bits == 0:
-        return
-    low, z, tmp = np.empty((3, x.size), dtype=np.uint64) if scratch is None else scratch
-    np.bitwise_and(x, np.uint64((1 << low_bits) - 1), out=low)
-    x >>= np.uint64(low_bits)  # x is now the high half
-    np.bitwise_xor(low, np.uint64(round_key), out=z)
-    _mix_top(z, tmp, high_bits)
-    x ^= z
-    low <<= np.uint64(high_bits)
-    x |= low
-
-
-def feistel_round_int(x: int, round_key: int, high_bits: int, low_bits: int) -> int:
-    """:func:`feistel_round` on one Python int (same arithmetic, for a handful of values).
-
-    >>> x = np.array([1234], dtype=np.uint64)
-    >>> feistel_round(x, 99, 6, 5); int(x[0]) == feistel_round_int(1234, 99, 6, 5)
+    >>> r = np.array([0, 1, 2], dtype=np.uint64)
+    >>> f = round_function(r, 99, 5, np.empty(3, np.uint64), np.empty(3, np.uint64))
+    >>> f.tolist() == [round_function_int(v, 99, 5) for v in range(3)]
     True
     """
-    if high_bits == 0:
-        return x
-    low, high = x & ((1 << low_bits) - 1), x >> low_bits
-    z = low ^ round_key
-    z = ((z ^ (z >> 33)) * _M1_INT) & _MASK64
+    np.bitwise_xor(right, np.uint64(round_key), out=out)
+    out *= _M1
+    np.right_shift(out, _S33, out=tmp)
+    out ^= tmp
+    out *= _M2
+    out >>= np.uint64(64 - width)
+    return out
+
+
+def round_function_int(right: int, round_key: int, width: int) -> int:
+    """:func:`round_function` of one Python int (same arithmetic, for a handful of values).
+
+    >>> 0 <= round_function_int(12, 34, 3) < 8
+    True
+    """
+    z = ((right ^ round_key) * _M1_INT) & _MASK64
     z = ((z ^ (z >> 33)) * _M2_INT) & _MASK64
-    return (low << high_bits) | (high ^ (z >> (64 - high_bits)))
+    return z >> (64 - width)
 
 
 class FeistelPermutation:
@@ -113,7 +95,7 @@ class FeistelPermutation:
     >>> perm = FeistelPermutation(5, key=42)
     >>> len(perm), sorted(perm(np.arange(5)).tolist())
     (5, [0, 1, 2, 3, 4])
-    >>> perm.index(2) == int(perm(np.array([2]))[0])
+    >>> perm.index(2) == int(perm([2])[0])
     True
     """
 
@@ -126,9 +108,12 @@ class FeistelPermutation:
         if rounds < 1:
             raise ValueError(f"rounds={rounds} must be >= 1")
         self.n, self.key, self.rounds = n, key, rounds
-        self.bits = max(1, (n - 1).bit_length())
+        self.bits = max(_MIN_BITS, (n - 1).bit_length())
+        self._left_bits = self.bits // 2
+        self._right_bits = self.bits - self._left_bits
+        # After an odd number of rounds the halves have traded widths.
+        self._final_right_bits = self._left_bits if rounds % 2 else self._right_bits
         self._keys = round_keys(key, rounds)
-        self._rounds = self._schedule()
 
     def __len__(self) -> int:
         return self.n
@@ -136,34 +121,39 @@ class FeistelPermutation:
     def __repr__(self) -> str:
         return f"FeistelPermutation(n={self.n}, key={self.key}, rounds={self.rounds})"
 
-    def _schedule(self) -> list[tuple[int, int, int]]:
-        """``(round_key, high_bits, low_bits)`` of every round; the halves swap each round."""
-        high, low = self.bits // 2, self.bits - self.bits // 2
-        out = []
-        for round_key in self._keys:
-            out.append((round_key, high, low))
-            high, low = low, high
-        return out
-
     def _encrypt(self, x: U64) -> U64:
         """One pass of the network over ``[0, 2**bits)``, in place; returns ``x``."""
-        scratch = np.empty((3, x.size), dtype=np.uint64)
-        for round_key, high, low in self._rounds:
-            feistel_round(x, round_key, high, low, scratch)
+        left = x >> np.uint64(self._right_bits)
+        right = x & np.uint64((1 << self._right_bits) - 1)
+        f, tmp = np.empty_like(x), np.empty_like(x)
+        left_bits, right_bits = self._left_bits, self._right_bits
+        for round_key in self._keys:
+            left ^= round_function(right, round_key, left_bits, f, tmp)
+            left, right = right, left
+            left_bits, right_bits = right_bits, left_bits
+        np.left_shift(left, np.uint64(right_bits), out=x)
+        x |= right
         return x
 
+    def _encrypt_int(self, x: int) -> int:
+        left, right = x >> self._right_bits, x & ((1 << self._right_bits) - 1)
+        left_bits, right_bits = self._left_bits, self._right_bits
+        for round_key in self._keys:
+            left, right = right, left ^ round_function_int(right, round_key, left_bits)
+            left_bits, right_bits = right_bits, left_bits
+        return (left << right_bits) | right
+
     def _walk_int(self, x: int) -> int:
-        """Cycle-walk one value in ``[0, 2**bits)`` into ``[0, n)``."""
-        while True:
-            for round_key, high, low in self._rounds:
-                x = feistel_round_int(x, round_key, high, low)
-            if x < self.n:
-                return x
+        """Cycle-walk one value of ``[0, 2**bits)`` into ``[0, n)``."""
+        x = self._encrypt_int(x)
+        while x >= self.n:
+            x = self._encrypt_int(x)
+        return x
 
     def __call__(self, positions: npt.ArrayLike) -> U64:
         """The items at ``positions`` (each in ``[0, n)``), as a new ``uint64`` array.
 
-        >>> FeistelPermutation(1, key=0)(np.array([0])).tolist()
+        >>> FeistelPermutation(1, key=0)([0]).tolist()
         [0]
         """
         x = np.array(positions, dtype=np.uint64, copy=True, ndmin=1)
@@ -183,7 +173,7 @@ class FeistelPermutation:
         return out
 
     def index(self, position: int) -> int:
-        """The item at one ``position``.
+        """The item at one ``position`` (pure Python: no numpy call overhead).
 
         >>> FeistelPermutation(1000, key=7).index(999) < 1000
         True

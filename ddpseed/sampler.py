@@ -52,14 +52,16 @@ class ResumableSampler:
                 f"{type(self).__name__} iterated twice at epoch {self.epoch}: every epoch will "
                 "see the same order; call set_epoch(epoch) (or plan.set_epoch) before each epoch",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         self._iterated_epoch = self.epoch
 
     def __iter__(self) -> Iterator[int]:
+        # A generator, so nothing happens until the first index is asked for: DataLoader
+        # creates (and drops) one extra sampler iterator per multi-worker iterator.
         self._check_replay()
         start, self._start = self._start, 0
-        return self._indices(start)
+        yield from self._indices(start)
 
     def _indices(self, start: int) -> Iterator[int]:
         raise NotImplementedError

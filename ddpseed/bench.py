@@ -1,0 +1,547 @@
+"""``ddpseed bench``: ddpseed's samplers and ``setup`` measured against bare torch.
+
+Section 1 times rank 0 of 8 iterating its shard (``shuffle=True``) with torch's
+``DistributedSampler``, ddpseed's ``SeededDistributedSampler`` (torch's order, so about torch's
+cost) and ``ScalableDistributedSampler`` (a lazily evaluated Feistel permutation): time to the
+first index, ns per index over the whole shard, and peak RSS above the interpreter's baseline.
+Every measurement runs in a fresh interpreter, so ``ru_maxrss`` belongs to that sampler alone.
+
+Section 2 times ``ddpseed.setup`` on an existing gloo process group against torch's broadcast of
+one int64 tensor, for local worlds of several sizes.
+
+Run ``ddpseed bench`` (or ``python -m ddpseed.bench``); ``--quick`` is a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPLICAS = 8
+DEFAULT_SIZES = "1e6,1e7,1e8,1e9"
+DEFAULT_WORLDS = "2,4,8,16,32"
+QUICK_SIZES = "1e4,1e5"
+QUICK_WORLDS = "2,4"
+# Above this N torch's sampler is skipped: its __iter__ materialises the whole permutation.
+TORCH_MAX_N = 10**8
+# N at which every sampler is measured once, whatever --repeats says (torch takes ~20 s there).
+SINGLE_RUN_N = 10**8
+SAMPLERS = {
+    "torch": "torch DistributedSampler",
+    "seeded": "ddpseed SeededDistributedSampler",
+    "scalable": "ddpseed ScalableDistributedSampler",
+}
+CHILD_TIMEOUT = 600.0
+SETUP_SEED = 1234
+Result = dict[str, Any]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``bench`` subcommand to an ``argparse`` subparsers object."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure ddpseed's samplers and setup against torch",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default=None, help=f"dataset sizes (default {DEFAULT_SIZES})")
+    parser.add_argument(
+        "--world-sizes", default=None, help=f"setup world sizes (default {DEFAULT_WORLDS})"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"runs per measurement, median shown (default 3, 1 with --quick; N >= "
+        f"{fmt_n(SINGLE_RUN_N)} runs once)",
+    )
+    parser.add_argument(
+        "--torch-max-n",
+        default=None,
+        help=f"largest N at which torch's samplers run (default {fmt_n(TORCH_MAX_N)})",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test")
+    parser.add_argument("--skip-setup", action="store_true", help="only the sampler section")
+    parser.add_argument("--skip-samplers", action="store_true", help="only the setup section")
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="also write the results as JSON to PATH (stdout when no PATH is given)",
+    )
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"1e6,2000"`` -> ``[1000000, 2000]``; each a positive integer.
+
+    >>> parse_sizes("1e6, 2000")
+    [1000000, 2000]
+    """
+    sizes = []
+    for token in filter(None, (t.strip() for t in text.split(","))):
+        value = float(token)
+        if value < 1 or value != int(value):
+            raise ValueError(f"{token!r} is not a positive integer size")
+        sizes.append(int(value))
+    return sizes
+
+
+def out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """This environment without launcher/ddpseed variables, with ddpseed importable."""
+    drop = ("DDPSEED_", "TORCHELASTIC_", "SLURM_", "PMI_", "OMPI_")
+    launch = {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in launch}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def _child_cmd(*args: object) -> list[str]:
+    code = "import ddpseed.bench as b; b.child_main()"
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+def child_main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the measuring processes: ``sampler KIND N`` or ``setup REPEATS``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    result: Result | None
+    if argv[0] == "sampler":
+        result = sampler_child(argv[1], int(argv[2]))
+    else:
+        result = setup_child(int(argv[1]))
+    if result:
+        sys.stdout.write(json.dumps(result) + "\n")
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set of this process (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _make_sampler(kind: str, n: int) -> Any:
+    if kind == "torch":
+        from torch.utils.data import DistributedSampler
+
+        data = range(n)
+        return DistributedSampler(data, REPLICAS, rank=0, shuffle=True, seed=0)  # type: ignore[arg-type]
+    if kind == "seeded":
+        from .sampler import SeededDistributedSampler
+
+        return SeededDistributedSampler(range(n), num_replicas=REPLICAS, rank=0, seed=0)
+    from .scalable import ScalableDistributedSampler
+
+    return ScalableDistributedSampler(range(n), num_replicas=REPLICAS, rank=0, seed=0)
+
+
+def sampler_child(kind: str, n: int) -> Result:
+    """Time one full pass over rank 0's shard; runs in a fresh process."""
+    import gc
+
+    from torch.utils.data import DistributedSampler  # noqa: F401  (imports before baseline)
+
+    from . import sampler, scalable  # noqa: F401
+
+    gc.collect()
+    baseline = max_rss_bytes()
+    start = time.perf_counter()
+    it = iter(_make_sampler(kind, n))
+    next(it)
+    first = time.perf_counter() - start
+    count = 1
+    for count, _ in enumerate(it, 2):  # noqa: B007  (count is the result)
+        pass
+    total = time.perf_counter() - start
+    return {
+        "sampler": kind,
+        "n": n,
+        "count": count,
+        "first_s": first,
+        "total_s": total,
+        "rss_bytes": max_rss_bytes() - baseline,
+        "baseline_rss_bytes": baseline,
+    }
+
+
+def _run_child(cmd: list[str], env: dict[str, str], timeout: float) -> Result:
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"{' '.join(cmd[3:])} exited with {proc.returncode}: {tail}")
+    result: Result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler section
+
+
+def measure_sampler(kind: str, n: int, repeats: int) -> Result:
+    """Median time to first index and ns/index, max RSS, over ``repeats`` fresh processes."""
+    runs = [
+        _run_child(_child_cmd("sampler", kind, n), _child_env(), CHILD_TIMEOUT)
+        for _ in range(repeats)
+    ]
+    count = runs[0]["count"]
+    after = [(r["total_s"] - r["first_s"]) / max(1, count - 1) for r in runs]
+    return {
+        "sampler": kind,
+        "n": n,
+        "count": count,
+        "repeats": repeats,
+        "first_s": statistics.median(r["first_s"] for r in runs),
+        "ns_per_index": statistics.median(r["total_s"] / count for r in runs) * 1e9,
+        "ns_per_index_after_first": statistics.median(after) * 1e9,
+        "rss_bytes": max(r["rss_bytes"] for r in runs),
+    }
+
+
+def fmt_time(seconds: float) -> str:
+    """Seconds for humans.
+
+    >>> fmt_time(0.00042), fmt_time(15.5)
+    ('420 us', '15.5 s')
+    """
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.1f} s"
+
+
+def fmt_bytes(size: float) -> str:
+    """Bytes for humans (MB = 2**20 bytes).
+
+    >>> fmt_bytes(3 * 2**20), fmt_bytes(5.5 * 2**30)
+    ('3.0 MB', '5.50 GB')
+    """
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GB"
+    return f"{size / 2**20:.1f} MB"
+
+
+def fmt_n(n: int) -> str:
+    """A dataset size, powers of ten as ``1eK``.
+
+    >>> fmt_n(10**8), fmt_n(12345)
+    ('1e8', '12345')
+    """
+    exp = len(str(n)) - 1
+    return f"1e{exp}" if n == 10**exp and exp >= 3 else str(n)
+
+
+def _row(r: Result) -> str:
+    return (
+        f"{fmt_n(r['n']):>6}  {SAMPLERS[r['sampler']]:<35}{fmt_time(r['first_s']):>10}"
+        f"{r['ns_per_index']:>12.0f}{r['ns_per_index_after_first']:>13.0f}"
+        f"{fmt_bytes(r['rss_bytes']):>12}{r['repeats']:>6}"
+    )
+
+
+def compare(ours: Result, torch_r: Result) -> str:
+    """One line of ratios of ``ours`` against torch's measurement at the same N."""
+    sooner = torch_r["first_s"] / max(ours["first_s"], 1e-9)
+    per = ours["ns_per_index"] / torch_r["ns_per_index"]
+    steady = ours["ns_per_index_after_first"] / max(torch_r["ns_per_index_after_first"], 1e-9)
+    rss = ours["rss_bytes"] / max(torch_r["rss_bytes"], 1)
+    return (
+        f"{'':8}{SAMPLERS[ours['sampler']].split()[1]} vs torch: first index: {sooner:,.0f}x "
+        f"sooner; ns/index: {per:.2f}x torch (after first: {steady:.2f}x); "
+        f"RSS: {rss:.3f}x torch ({fmt_bytes(ours['rss_bytes'])} vs "
+        f"{fmt_bytes(torch_r['rss_bytes'])})"
+    )
+
+
+def total_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def skip_reason(n: int) -> str:
+    """Why torch's samplers are not run at ``n`` (they materialise the whole permutation)."""
+    ram = total_ram_bytes()
+    return (
+        f"{'':8}torch and SeededDistributedSampler skipped at N={fmt_n(n)}: torch's __iter__ "
+        f"builds randperm(N) ({fmt_bytes(8 * n)} of int64) and then a Python list of all N "
+        f"ints (~{fmt_bytes(36 * n)}) before slicing out rank 0's {n // REPLICAS:,}; "
+        f"that does not fit in this machine's {fmt_bytes(ram)} of RAM"
+    )
+
+
+def sampler_section(sizes: list[int], repeats: int, torch_max: int) -> list[Result]:
+    out(f"== Samplers: rank 0 of {REPLICAS}, shuffle=True, one full pass over the shard ==")
+    out("   first index: from constructing the sampler to the first index it yields")
+    out("   ns/index: (time to exhaust the shard) / (shard length); after first: the rest only")
+    out("   RSS: peak RSS above the baseline of a fresh interpreter after its imports")
+    out(
+        f"{'N':>6}  {'sampler':<35}{'first index':>10}{'ns/index':>12}{'after first':>13}"
+        f"{'peak RSS':>12}{'runs':>6}"
+    )
+    results: list[Result] = []
+    for n in sizes:
+        reps = 1 if n >= SINGLE_RUN_N else repeats
+        kinds = ["torch", "seeded", "scalable"] if n <= torch_max else ["scalable"]
+        rows = {}
+        for kind in kinds:
+            rows[kind] = measure_sampler(kind, n, reps)
+            results.append(rows[kind])
+            out(_row(rows[kind]))
+        if "torch" in rows:
+            out(compare(rows["seeded"], rows["torch"]))
+            out(compare(rows["scalable"], rows["torch"]))
+        else:
+            out(skip_reason(n))
+    return results
+
+
+def target_lines(results: list[Result]) -> list[str]:
+    """The issue's targets, checked on the largest N where each can be measured."""
+    by = {(r["sampler"], r["n"]): r for r in results}
+    lines = []
+    both = [n for (kind, n) in by if kind == "torch" and ("scalable", n) in by]
+    if both:
+        n = max(both)
+        ours, theirs = by["scalable", n], by["torch", n]
+        sooner = theirs["first_s"] / max(ours["first_s"], 1e-9)
+        per = ours["ns_per_index"] / theirs["ns_per_index"]
+        lines.append(
+            f"first index >= 1000x sooner than torch at N={fmt_n(n)}: {sooner:,.0f}x "
+            f"{'OK' if sooner >= 1000 else 'MISSED'}"
+        )
+        lines.append(
+            f"ns/index over the shard <= torch's at N={fmt_n(n)}: {per:.2f}x "
+            f"{'OK' if per <= 1 else 'MISSED'}"
+        )
+    big = [n for (kind, n) in by if kind == "scalable"]
+    if big:
+        n = max(big)
+        rss = by["scalable", n]["rss_bytes"]
+        lines.append(
+            f"peak RSS < 64 MB at N={fmt_n(n)}: {fmt_bytes(rss)} "
+            f"{'OK' if rss < 64 * 2**20 else 'MISSED'}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup section
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def setup_child(repeats: int) -> Result | None:
+    """One rank: bare init, then ``repeats + 1`` x (broadcast, ddpseed.setup); rank 0 reports."""
+    import torch
+    import torch.distributed as dist
+
+    import ddpseed
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    start = time.perf_counter()
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+    init = time.perf_counter() - start
+    times = []
+    for i in range(repeats + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.broadcast(torch.tensor([i], dtype=torch.int64), src=0)
+        bcast = time.perf_counter() - start
+        dist.barrier()
+        start = time.perf_counter()
+        ddpseed.setup(seed=SETUP_SEED)
+        times.append([init, bcast, time.perf_counter() - start])
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a collective is as slow as its last rank
+    dist.destroy_process_group()
+    return {"world": world, "times": slowest.tolist()} if rank == 0 else None
+
+
+def measure_setup(world: int, repeats: int, timeout: float = CHILD_TIMEOUT) -> Result:
+    """Launch ``world`` local ranks once; the first setup is cold, the median is of the rest."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="ddpseed-bench-") as tmp:
+        procs = [_launch_rank(Path(tmp), rank, world, port, repeats) for rank in range(world)]
+        _wait_all(procs, timeout, tmp)
+        lines = (Path(tmp) / "0.out").read_text().strip().splitlines()
+    times = json.loads(lines[-1])["times"]
+    warm = times[1:] or times
+    return {
+        "world": world,
+        "repeats": len(warm),
+        "init_s": times[0][0],
+        "broadcast_s": statistics.median(t[1] for t in warm),
+        "setup_s": statistics.median(t[2] for t in warm),
+        "setup_first_s": times[0][2],
+    }
+
+
+def _launch_rank(
+    tmp: Path, rank: int, world: int, port: int, repeats: int
+) -> subprocess.Popen[bytes]:
+    env = _child_env(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    with open(tmp / f"{rank}.out", "wb") as stdout, open(tmp / f"{rank}.err", "wb") as stderr:
+        cmd = _child_cmd("setup", repeats)
+        return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float, tmp: str) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, proc in enumerate(procs):
+        if proc.returncode != 0:
+            err = (Path(tmp) / f"{rank}.err").read_text().strip().splitlines()[-5:]
+            raise RuntimeError(
+                f"setup bench rank {rank}/{len(procs)} exited with {proc.returncode}: "
+                + "\n".join(err)
+            )
+
+
+def setup_section(worlds: list[int], repeats: int) -> list[Result]:
+    out()
+    out("== ddpseed.setup(seed=...) on an existing gloo group vs torch's broadcast of one int64 ==")
+    out(
+        f"   local ranks on {os.cpu_count()} CPUs; each time is the slowest rank's; median of "
+        f"{repeats} warm calls (the first setup call, cold, shown apart)"
+    )
+    out(
+        f"{'world':>6}{'bare init':>12}{'broadcast':>12}{'setup':>12}{'setup/bcast':>13}"
+        f"{'first setup':>13}"
+    )
+    results = []
+    for world in worlds:
+        r = measure_setup(world, repeats)
+        results.append(r)
+        ratio = r["setup_s"] / max(r["broadcast_s"], 1e-9)
+        times = (fmt_time(r[k]) for k in ("init_s", "broadcast_s", "setup_s"))
+        out(
+            f"{world:>6}"
+            + "".join(f"{t:>12}" for t in times)
+            + f"{ratio:>12.1f}x{fmt_time(r['setup_first_s']):>13}"
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _options(args: argparse.Namespace) -> tuple[list[int], list[int], int, int]:
+    quick = bool(args.quick)
+    sizes = parse_sizes(args.sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))
+    worlds = [
+        int(w)
+        for w in (args.world_sizes or (QUICK_WORLDS if quick else DEFAULT_WORLDS)).split(",")
+        if w.strip()
+    ]
+    repeats = args.repeats or (1 if quick else 3)
+    default_max = min(sizes) if quick else TORCH_MAX_N
+    torch_max = parse_sizes(args.torch_max_n)[0] if args.torch_max_n else default_max
+    if repeats < 1 or any(w < 1 for w in worlds):
+        raise ValueError("--repeats and --world-sizes must be >= 1")
+    return sizes, worlds, repeats, torch_max
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark the parsed ``args`` ask for; 0 on success, 1 if a measurement failed."""
+    try:
+        sizes, worlds, repeats, torch_max = _options(args)
+    except ValueError as exc:
+        sys.stderr.write(f"ddpseed bench: {exc}\n")
+        return 2
+    report: Result = {"replicas": REPLICAS, "cpus": os.cpu_count(), "samplers": [], "setup": []}
+    try:
+        if not getattr(args, "skip_samplers", False) and sizes:
+            report["samplers"] = sampler_section(sizes, repeats, torch_max)
+            out()
+            for line in target_lines(report["samplers"]):
+                out(f"target: {line}")
+        if not args.skip_setup and worlds:
+            report["setup"] = setup_section(worlds, repeats)
+    except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+        sys.stderr.write(f"ddpseed bench: a measurement failed: {exc}\n")
+        return 1
+    _write_json(report, args.json)
+    return 0
+
+
+def _write_json(report: Result, where: str | None) -> None:
+    if where is None:
+        return
+    text = json.dumps(report, indent=2)
+    if where == "-":
+        out(text)
+    else:
+        Path(where).write_text(text + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddpseed bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

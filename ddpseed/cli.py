@@ -1,0 +1,297 @@
+"""The ``ddpseed`` command: plan, env, verify, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .derivation import SCHEMES, seed_table, validate_seed
+from .errors import DDPSeedError
+from .topology import ENVIRONMENTS, detect
+
+
+def out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _seed_arg(text: str) -> int:
+    try:
+        return validate_seed(text, source="--seed")
+    except DDPSeedError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# -- plan ---------------------------------------------------------------------------------------
+def cmd_plan(args: argparse.Namespace) -> int:
+    table = seed_table(args.seed, args.world_size, args.num_workers, args.epochs, scheme=args.scheme)
+    collisions = table.collisions()
+    if args.json:
+        out(json.dumps({
+            "base_seed": table.base, "world_size": table.world_size,
+            "num_workers": table.num_workers, "epochs": table.epochs, "scheme": table.scheme,
+            "process_seeds": list(table.process),
+            "worker_seeds": [[list(ws) for ws in ranks] for ranks in table.workers],
+            "collisions": [{"seed": s, "users": who} for s, who in collisions],
+        }))
+        return 0
+    out(f"base seed {table.base}, world size {table.world_size}, {table.num_workers} workers "
+        f"per rank, {table.epochs} epoch(s), scheme {table.scheme}")
+    head = f"{'rank':>5} {'process seed':>12}"
+    for e in range(table.epochs):
+        head += f"  worker seeds epoch {e}"
+    out(head)
+    for rank in range(table.world_size):
+        row = f"{rank:>5} {table.process[rank]:>12}"
+        for e in range(table.epochs):
+            row += "  " + " ".join(str(s) for s in table.workers[e][rank])
+        out(row)
+    if not collisions:
+        out("collisions: none")
+    else:
+        out(f"collisions: {len(collisions)} seeds are used more than once")
+        for seed, who in collisions[: args.show]:
+            out(f"  {seed}: {', '.join(who)}")
+        if len(collisions) > args.show:
+            out(f"  ... {len(collisions) - args.show} more (--show N, or --json)")
+        if table.scheme == "default":
+            out("  (process seeds and worker seeds share one range by design of the default rule;"
+                " --scheme disjoint gives collision-free seeds)")
+    return 0
+
+
+# -- env ----------------------------------------------------------------------------------------
+def cmd_env(args: argparse.Namespace) -> int:
+    topo = detect()
+    if args.json:
+        out(json.dumps({k: getattr(topo, k) for k in topo.__dataclass_fields__}))
+        return 0
+    out(repr(topo))
+    for cls in ENVIRONMENTS:
+        out(f"  {cls(os.environ)!r}")
+    return 0
+
+
+# -- verify -------------------------------------------------------------------------------------
+def _draws(seed: int | None) -> dict[str, float]:
+    import random
+
+    import numpy as np
+    import torch
+
+    if seed is None:
+        return {"random": random.random(), "numpy": float(np.random.random()),
+                "torch": float(torch.rand(1)[0])}
+    gen = torch.Generator().manual_seed(seed)
+    return {"random": random.Random(seed).random(),
+            "numpy": float(np.random.RandomState(seed).random_sample()),
+            "torch": float(torch.rand(1, generator=gen)[0])}
+
+
+class _WorkerSeeds:
+    """A dataset whose items are the torch seed of the worker that fetched them."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        import torch
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        return (info.id if info else -1, torch.initial_seed())
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import socket
+
+    import torch.distributed as dist
+
+    from .plan import setup
+
+    plan = setup(seed=args.seed, timeout=args.timeout)
+    topo = plan.topology
+    report: dict[str, Any] = {k: getattr(topo, k) for k in topo.__dataclass_fields__}
+    report.update(
+        hostname=socket.gethostname(), base_seed=plan.base_seed, process_seed=plan.process_seed,
+        seed_source=plan.seed_source, draws=_draws(None), expected=_draws(plan.process_seed),
+        shard=[int(i) for i in plan.sampler(range(args.dataset_size))],
+    )
+    if args.num_workers:
+        import torch
+
+        loader = plan.dataloader(_WorkerSeeds(4 * args.num_workers), batch_size=None,
+                                 num_workers=args.num_workers, shuffle=False)
+        seen = {int(w): int(s) for w, s in loader}
+        report["worker_seeds"] = {str(w): s for w, s in sorted(seen.items())}
+        report["expected_worker_seeds"] = {
+            str(w): plan.worker_seed(w, args.num_workers) for w in range(args.num_workers)
+        }
+        del torch
+    reports = [report]
+    if plan.world_size > 1:
+        gathered: list[Any] = [None] * plan.world_size
+        dist.all_gather_object(gathered, report)
+        reports = gathered
+    problems = _verify_problems(reports, args.dataset_size)
+    for r in reports:
+        r["agree"] = not problems
+    if plan.rank == 0:
+        if args.json:
+            out("DDPSEED_VERIFY " + json.dumps(reports))
+        else:
+            _print_verify(reports, problems)
+    if plan.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 1 if problems else 0
+
+
+def _verify_problems(reports: list[dict[str, Any]], dataset_size: int) -> list[str]:
+    from .derivation import process_seed
+
+    problems = []
+    bases = {r["base_seed"] for r in reports}
+    if len(bases) != 1:
+        problems.append(f"base seeds differ across ranks: {sorted(bases)}")
+    for r in reports:
+        if r["process_seed"] != process_seed(r["base_seed"], r["rank"]):
+            problems.append(f"rank {r['rank']}: process seed {r['process_seed']} breaks the rule")
+        if r["draws"] != r["expected"]:
+            problems.append(f"rank {r['rank']}: RNG draws {r['draws']} != expected {r['expected']}")
+        if r.get("worker_seeds", {}) != r.get("expected_worker_seeds", {}):
+            problems.append(f"rank {r['rank']}: worker seeds {r['worker_seeds']} != expected "
+                            f"{r['expected_worker_seeds']}")
+    shards = [set(r["shard"]) for r in reports]
+    covered = set().union(*shards)
+    if covered != set(range(dataset_size)):
+        problems.append(f"sampler shards do not cover the dataset ({len(covered)}/{dataset_size})")
+    if dataset_size % len(reports) == 0 and sum(map(len, shards)) != dataset_size:
+        problems.append("sampler shards overlap")
+    return problems
+
+
+def _print_verify(reports: list[dict[str, Any]], problems: list[str]) -> None:
+    out(f"{'rank':>4} {'node':>4} {'local':>5} {'host':<16} {'base seed':>10} "
+        f"{'process':>10} {'draws':>5} {'workers':>7} {'shard':>5}")
+    for r in reports:
+        draws = "ok" if r["draws"] == r["expected"] else "BAD"
+        workers = "-" if "worker_seeds" not in r else (
+            "ok" if r["worker_seeds"] == r["expected_worker_seeds"] else "BAD")
+        out(f"{r['rank']:>4} {r['node_rank']:>4} {r['local_rank']:>5} {r['hostname'][:16]:<16} "
+            f"{r['base_seed']:>10} {r['process_seed']:>10} {draws:>5} {workers:>7} "
+            f"{len(r['shard']):>5}")
+    if problems:
+        out("DISAGREEMENT:")
+        for p in problems:
+            out(f"  {p}")
+    else:
+        out(f"all {len(reports)} ranks agree on base seed {reports[0]['base_seed']} "
+            f"({reports[0]['seed_source']}); seeds, draws and shards as derived")
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def _torchrun(nproc: int, out_file: Path, extra: list[str], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "ddpseed.demo", "--out", str(out_file), *extra]
+    env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+    env.pop("DDPSEED_SEED", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise DDPSeedError(f"demo run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out_file.read_text())
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    common = ["--num-workers", str(args.num_workers), "--epochs", str(args.epochs)]
+    with tempfile.TemporaryDirectory(prefix="ddpseed-demo-") as tmp:
+        first_args = [*common] + (["--seed", str(args.seed)] if args.seed is not None else [])
+        out(f"run 1: torchrun --nproc_per_node={args.nproc}, {args.num_workers} DataLoader "
+            f"workers per rank, {args.epochs} epochs, seed "
+            f"{args.seed if args.seed is not None else 'from entropy'}")
+        first = _torchrun(args.nproc, Path(tmp) / "run1.json", first_args, args.timeout)
+        out(f"  base seed {first['base_seed']} ({first['seed_source']}), {first['steps']} steps")
+        out(f"run 2: the same job again with seed {first['base_seed']} (as recorded by run 1)")
+        second = _torchrun(args.nproc, Path(tmp) / "run2.json",
+                           [*common, "--seed", str(first["base_seed"])], args.timeout)
+    out("")
+    out(f"{'rank':>4} {'process seed':>12}  worker seeds (epoch 0)")
+    for rank, ps in enumerate(first["process_seeds"]):
+        workers = first["worker_seeds"][rank] if first["worker_seeds"] else []
+        out(f"{rank:>4} {ps:>12}  {' '.join(map(str, workers))}")
+    out("")
+    out(f"run 1 weights sha256: {first['weights_sha256']}")
+    out(f"run 2 weights sha256: {second['weights_sha256']}")
+    same = first["weights_sha256"] == second["weights_sha256"]
+    out("bitwise identical: yes" if same else "bitwise identical: NO (please report this)")
+    return 0 if same else 1
+
+
+# -- main ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpseed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="table of every process and worker seed, and collisions")
+    p.add_argument("--seed", type=_seed_arg, required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--scheme", choices=SCHEMES, default="default")
+    p.add_argument("--show", type=int, default=20, help="collisions to list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("env", help="the topology detected from the launcher's environment")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("verify", help="run under torchrun/srun: check every rank agrees")
+    p.add_argument("--seed", type=_seed_arg, default=None)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--dataset-size", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="train a small DDP model twice on CPU; compare weights")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=_seed_arg, default=None)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from . import bench
+    except ImportError:  # pragma: no cover - bench is part of the package
+        pass
+    else:
+        bench.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(
+        level=os.environ.get("DDPSEED_LOG", "WARNING").upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except DDPSeedError as exc:
+        sys.stderr.write(f"ddpseed: error: {exc}\n")
+        return 2
+    return code

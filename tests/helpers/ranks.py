@@ -1,0 +1,120 @@
+"""Run real rank processes (plain env:// ranks or torchrun) with deadlines and cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+_DROP_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "TORCHELASTIC_", "DDPSEED_")
+_DROP = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+         "MASTER_PORT", "GROUP_WORLD_SIZE", "PYTHONHASHSEED"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _DROP and not k.startswith(_DROP_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class RankResult:
+    rank: int
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_ranks(
+    script: str | Path,
+    world_size: int,
+    *,
+    timeout: float,
+    ranks: Sequence[int] | None = None,
+    env: Mapping[str, str] | None = None,
+    per_rank_env: Mapping[int, Mapping[str, str]] | None = None,
+    args: Sequence[str] = (),
+) -> list[RankResult]:
+    """Start ``ranks`` (default all) of a ``world_size`` env:// job running ``script``.
+
+    Every process gets its own session; all are killed when the deadline passes, so nothing
+    outlives the call. Results are ordered like ``ranks``.
+    """
+    port = free_port()
+    chosen = list(range(world_size)) if ranks is None else list(ranks)
+    procs: list[tuple[int, subprocess.Popen[str], float]] = []
+    for rank in chosen:
+        e = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), **(env or {}))
+        e.update((per_rank_env or {}).get(rank, {}))
+        proc = subprocess.Popen(
+            [sys.executable, str(script), *args], env=e, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        procs.append((rank, proc, time.monotonic()))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for rank, proc, started in procs:
+            try:
+                out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                out, err = proc.communicate()
+                err += f"\n[test harness: rank {rank} killed after {timeout}s deadline]"
+            results.append(RankResult(rank, proc.returncode, out, err,
+                                      time.monotonic() - started))
+    finally:
+        for _, proc, _ in procs:
+            _kill_group(proc)
+    return results
+
+
+def torchrun(
+    module_args: Sequence[str],
+    *,
+    nproc: int,
+    timeout: float,
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``torchrun --standalone --nproc_per_node=nproc`` in its own session, bounded."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *extra, *module_args]
+    proc = subprocess.Popen(cmd, env=clean_env(**(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun exceeded {timeout}s:\n{err[-4000:]}") from None
+    finally:
+        _kill_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

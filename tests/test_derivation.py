@@ -1,0 +1,137 @@
+"""The pure derivation rules: formulas, validation, collision checks (with hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ddpseed
+from ddpseed.derivation import SEED_SPACE, batch_seed, seed_table
+
+seeds = st.integers(0, SEED_SPACE - 1)
+small = st.integers(1, 12)
+
+
+def test_formulas_from_the_contract() -> None:
+    assert ddpseed.process_seed(1234, 3) == 1237
+    assert ddpseed.worker_seed(1234, 3, 4, 1) == 1234 + 3 * 4 + 1
+    # epoch e moves rank r's workers to slot (e*world + r)*W + w
+    assert ddpseed.worker_seed(1234, 3, 4, 1, epoch=2, world_size=8) == 1234 + (2 * 8 + 3) * 4 + 1
+    assert ddpseed.process_seed(SEED_SPACE - 1, 2) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [(-1, "outside [0, 2**32)"), (2**32, "outside [0, 2**32)"), (1e3, "float"),
+     (True, "bool"), ("abc", "not a decimal integer"), ("", "not a decimal integer"),
+     ("1e3", "not a decimal integer"), ("-1", "outside"), ([1], "not an integer")],
+)
+def test_bad_seeds_are_named(value: object, fragment: str) -> None:
+    with pytest.raises(ddpseed.SeedValueError, match=r"seed") as info:
+        ddpseed.validate_seed(value)
+    assert fragment in str(info.value)
+    assert repr(value) in str(info.value) or str(value) in str(info.value)
+
+
+def test_string_seeds_from_the_environment() -> None:
+    assert ddpseed.validate_seed(" 42 ", source="DDPSEED_SEED") == 42
+    assert ddpseed.validate_seed(str(SEED_SPACE - 1)) == SEED_SPACE - 1
+
+
+def test_worker_seed_argument_errors() -> None:
+    with pytest.raises(ValueError, match="worker_id=4"):
+        ddpseed.worker_seed(0, 0, 4, 4)
+    with pytest.raises(ValueError, match="num_workers=0"):
+        ddpseed.worker_seed(0, 0, 0, 0)
+    with pytest.raises(ValueError, match="rank=3"):
+        ddpseed.worker_seed(0, 3, 2, 0, epoch=1, world_size=2)
+
+
+def test_batch_seed_starts_at_the_worker_seed() -> None:
+    assert batch_seed(99, 0) == 99
+    assert len({batch_seed(99, k) for k in range(1000)}) == 1000
+
+
+@given(base=seeds, rank=st.integers(0, 10**6))
+def test_process_seed_in_range_and_formula(base: int, rank: int) -> None:
+    s = ddpseed.process_seed(base, rank)
+    assert 0 <= s < SEED_SPACE and s == (base + rank) % SEED_SPACE
+    assert 0 <= ddpseed.process_seed(base, rank, scheme="disjoint") < SEED_SPACE
+
+
+@given(base=seeds, world=small, workers=small, epoch=st.integers(0, 50), data=st.data())
+def test_worker_seed_in_range_and_formula(
+    base: int, world: int, workers: int, epoch: int, data: st.DataObject
+) -> None:
+    rank = data.draw(st.integers(0, world - 1))
+    wid = data.draw(st.integers(0, workers - 1))
+    s = ddpseed.worker_seed(base, rank, workers, wid, epoch, world)
+    assert s == (base + (epoch * world + rank) * workers + wid) % SEED_SPACE
+    assert 0 <= ddpseed.worker_seed(base, rank, workers, wid, epoch, world, scheme="disjoint") \
+        < SEED_SPACE
+
+
+@settings(max_examples=60, deadline=None)
+@given(base=seeds, world=small, workers=small, epochs=st.integers(1, 4),
+       scheme=st.sampled_from(["default", "disjoint"]))
+def test_no_two_workers_or_ranks_share_a_seed(
+    base: int, world: int, workers: int, epochs: int, scheme: str
+) -> None:
+    table = seed_table(base, world, workers, epochs, scheme=scheme)  # type: ignore[arg-type]
+    worker_seeds = [s for e in table.workers for r in e for s in r]
+    assert len(set(worker_seeds)) == len(worker_seeds)
+    assert len(set(table.process)) == len(table.process)
+    if scheme == "disjoint":
+        assert not set(table.process) & set(worker_seeds)
+        assert table.collisions() == []
+
+
+def _brute_force_collisions(table: ddpseed.SeedTable) -> set[int]:
+    seen: dict[int, int] = {}
+    for s in table.process:
+        seen[s] = seen.get(s, 0) + 1
+    for e in table.workers:
+        for r in e:
+            for s in r:
+                seen[s] = seen.get(s, 0) + 1
+    return {s for s, n in seen.items() if n > 1}
+
+
+@settings(max_examples=5, deadline=None)
+@given(base=st.one_of(seeds, st.just(SEED_SPACE - 3)), world=small, workers=st.integers(0, 6),
+       epochs=st.integers(1, 3), scheme=st.sampled_from(["default", "disjoint"]))
+def test_cli_plan_reports_exactly_the_brute_force_collisions(
+    base: int, world: int, workers: int, epochs: int, scheme: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpseed", "plan", "--seed", str(base), "--world-size",
+         str(world), "--num-workers", str(workers), "--epochs", str(epochs), "--scheme", scheme,
+         "--json"], capture_output=True, text=True, check=True, timeout=60,
+    )
+    report = json.loads(proc.stdout)
+    table = seed_table(base, world, workers, epochs, scheme=scheme)  # type: ignore[arg-type]
+    assert {c["seed"] for c in report["collisions"]} == _brute_force_collisions(table)
+    assert report["process_seeds"] == list(table.process)
+
+
+def test_cli_plan_table_lists_every_rank() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpseed", "plan", "--seed", "42", "--world-size", "16",
+         "--num-workers", "4", "--epochs", "2"], capture_output=True, text=True, check=True,
+        timeout=60,
+    )
+    lines = proc.stdout.splitlines()
+    assert lines[2].split()[:6] == ["0", "42", "42", "43", "44", "45"]
+    assert lines[17].split()[:2] == ["15", "57"]
+    assert "collisions: 16 seeds are used more than once" in proc.stdout
+
+
+def test_cli_rejects_a_bad_seed_with_the_reason() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ddpseed", "plan", "--seed", "-5",
+                           "--world-size", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "outside [0, 2**32)" in proc.stderr

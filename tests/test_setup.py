@@ -1,0 +1,238 @@
+"""setup() and SeedPlan in one process: seed sources, RNGs, workers, sampler, determinism."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+import ddpseed
+from ddpseed import seeding
+from ddpseed.topology import Topology
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith(("DDPSEED_", "SLURM_", "TORCHELASTIC_")) or name in (
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def plan_for(rank: int, world: int, seed: int = 1234) -> ddpseed.SeedPlan:
+    topo = Topology("torchrun", rank, rank, world, world, 0, 1, "127.0.0.1", 29500)
+    return ddpseed.SeedPlan(seed, topo)
+
+
+def test_seed_argument_environment_and_precedence(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert ddpseed.setup(seed=42).base_seed == 42
+    monkeypatch.setenv("DDPSEED_SEED", "77")
+    plan = ddpseed.setup()
+    assert (plan.base_seed, plan.seed_source) == (77, "DDPSEED_SEED")
+    with caplog.at_level(logging.WARNING, logger="ddpseed"):
+        assert ddpseed.setup(seed=5).base_seed == 5
+    assert "ignoring DDPSEED_SEED='77'" in caplog.text
+
+
+def test_entropy_seed_is_logged_and_recorded(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="ddpseed"):
+        plan = ddpseed.setup()
+    assert plan.seed_source == "entropy" and 0 <= plan.base_seed < 2**32
+    assert f"DDPSEED_SEED={plan.base_seed}" in caplog.text
+    assert plan.manifest()["base_seed"] == plan.base_seed
+
+
+@pytest.mark.parametrize("bad", ["-1", str(2**32), "1e3", "abc", ""])
+def test_bad_environment_seed_names_rank_value_and_fix(
+    monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
+    monkeypatch.setenv("DDPSEED_SEED", bad)
+    with pytest.raises(ddpseed.SeedValueError) as info:
+        ddpseed.setup()
+    text = str(info.value)
+    shown = bad if bad.lstrip("-").isdigit() else repr(bad)  # numbers are shown parsed
+    assert f"rank 0: DDPSEED_SEED={shown}" in text
+    assert "[0, 2**32)" in text
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 1.5, True, "x"])
+def test_bad_argument_seed(bad: object) -> None:
+    with pytest.raises(ddpseed.SeedValueError, match="rank 0: seed="):
+        ddpseed.setup(seed=bad)  # type: ignore[arg-type]
+
+
+def test_every_rng_is_seeded_with_the_process_seed() -> None:
+    plan = ddpseed.setup(seed=99)
+    draws = (random.random(), float(np.random.random()), float(torch.rand(1)))
+    gen = torch.Generator().manual_seed(99)
+    assert draws == (random.Random(99).random(), float(np.random.RandomState(99).random_sample()),
+                     float(torch.rand(1, generator=gen)))
+    assert plan.process_seed == 99 and plan.generator().initial_seed() == 99
+
+
+def test_cuda_seeding_touches_only_the_local_device_mocked_no_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No GPU on this machine: torch.cuda is replaced by recorders to check *which* calls happen.
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(("manual_seed", s)))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(("ALL", s)))
+    device = seeding.local_cuda_device(2)
+    seeding.seed_process(1236, cuda_device=device)
+    assert calls == [("set_device", 2), ("manual_seed", 1236)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    with pytest.raises(ddpseed.TopologyError, match=r"local rank 5 has no GPU: only 4 visible"):
+        seeding.local_cuda_device(5)
+
+
+def test_deterministic_mode_sets_and_lists_every_flag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    try:
+        with pytest.warns(RuntimeWarning, match="PYTHONHASHSEED is not fixed"):
+            plan = ddpseed.setup(seed=1, deterministic=True)
+        flags = plan.manifest()["deterministic"]
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert "torch.use_deterministic_algorithms(True)" in flags
+        assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in flags
+        monkeypatch.setenv("PYTHONHASHSEED", "0")
+        monkeypatch.setenv("DDPSEED_DETERMINISTIC", "1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert "PYTHONHASHSEED=0" in ddpseed.setup(seed=1).manifest()["deterministic"]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def test_run_dir_records_entropy_seed_and_manifest(tmp_path: Path) -> None:
+    first = ddpseed.setup(run_dir=tmp_path)
+    assert json.loads((tmp_path / "seed.json").read_text())["base_seed"] == first.base_seed
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["base_seed"] == first.base_seed and manifest["seed_source"] == "entropy"
+    again = ddpseed.setup(run_dir=tmp_path)  # a restart finds the record
+    assert (again.base_seed, again.seed_source) == (first.base_seed, "run record")
+
+
+def test_torchelastic_run_id_names_a_run_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
+    first = ddpseed.setup()
+    record = tmp_path / "cache" / "ddpseed" / "runs" / "torchrun-job42" / "seed.json"
+    assert json.loads(record.read_text())["base_seed"] == first.base_seed
+    assert ddpseed.setup().base_seed == first.base_seed
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_matches_torch_at_every_epoch(world: int, drop_last: bool) -> None:
+    data = range(103)
+    for rank in range(world):
+        plan = plan_for(rank, world)
+        ours = plan.sampler(data, drop_last=drop_last)
+        theirs = DistributedSampler(data, num_replicas=world, rank=rank, seed=1234,
+                                    drop_last=drop_last)
+        for epoch in range(3):
+            plan.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            assert list(ours) == list(theirs)
+
+
+def test_sampler_shards_disjoint_and_cover() -> None:
+    shards = [set(plan_for(r, 4).sampler(range(64))) for r in range(4)]
+    assert set().union(*shards) == set(range(64)) and sum(map(len, shards)) == 64
+
+
+def test_sampler_warns_once_when_an_epoch_is_replayed() -> None:
+    sampler = plan_for(0, 2).sampler(range(10))
+    list(sampler)
+    with pytest.warns(UserWarning, match="set_epoch"):
+        list(sampler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(sampler)  # once is enough
+        sampler.set_epoch(1)
+        list(sampler)
+
+
+class SeedProbe:
+    """Each item reports which worker fetched it and what that worker's RNGs were seeded with."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id if info else -1, torch.initial_seed())
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_worker_seeds_observed_inside_real_workers(context: str) -> None:
+    plan = plan_for(1, 2, seed=500)
+    for persistent in (False, True):
+        loader = plan.dataloader(SeedProbe(), batch_size=None, num_workers=3,
+                                 multiprocessing_context=context, persistent_workers=persistent)
+        for epoch in (0, 1):
+            plan.set_epoch(epoch)
+            seen = {int(w): int(s) for w, s in loader}
+            created = 0 if persistent else epoch  # persistent workers are seeded once
+            assert seen == {w: plan.worker_seed(w, 3, created) for w in range(3)}
+            assert seen[0] == 500 + (created * 2 + 1) * 3 + 0
+        plan.set_epoch(0)
+
+
+def test_exact_loader_first_batch_of_each_worker_sees_the_worker_seed() -> None:
+    plan = plan_for(0, 1, seed=7)
+    loader = plan.dataloader(SeedProbe(), batch_size=4, num_workers=2)
+    batches = list(loader)
+    first = {int(b[0][0]): int(b[1][0]) for b in batches[:2]}
+    assert first == {0: plan.worker_seed(0, 2), 1: plan.worker_seed(1, 2)}
+
+
+def test_worker_init_fn_is_picklable_and_chains_a_user_fn() -> None:
+    plan = plan_for(0, 1, seed=3)
+    clone = pickle.loads(pickle.dumps(plan.worker_init_fn))
+    assert repr(clone) == repr(plan.worker_init_fn)
+    clone(0)
+    assert torch.initial_seed() == ddpseed.worker_seed(3, 0, 1, 0)
+
+
+def test_user_loader_kwargs_that_would_break_seeding_are_refused() -> None:
+    with pytest.raises(TypeError, match="chooses the sampler itself"):
+        plan_for(0, 1).dataloader(range(4), sampler=None)
+
+
+def test_plain_dataloader_building_blocks() -> None:
+    plan = plan_for(0, 1, seed=11)
+    loader = DataLoader(range(8), sampler=plan.sampler(range(8)), generator=plan.generator(),
+                        worker_init_fn=plan.worker_init_fn, batch_size=2)
+    assert sorted(int(x) for b in loader for x in b) == list(range(8))
+
+
+def test_topology_and_repr() -> None:
+    topo = ddpseed.topology()
+    assert topo.launcher == "single" and topo.world_size == 1
+    assert repr(topo).startswith("Topology(single rank 0/1")
+    assert "base_seed=1234" in repr(plan_for(0, 1))
