@@ -209,6 +209,35 @@ def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
     return decide(torch.stack([r.cpu() for r in rows]), topo.world_size)
 
 
+def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -> list[str]:
+    """Every rank's error from a per-rank step (``None`` for success), seen on every rank.
+
+    Returns ``["rank r: message", ...]`` for the ranks that failed; empty when all succeeded.
+    """
+    if not topo.is_distributed or not dist.is_initialized():
+        return [f"rank {topo.rank}: {error}"] if error else []
+    backend = dist.get_backend()
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    )
+    mine = _encode(Proposal(error=error), topo.world_size).to(device)
+    rows = [torch.empty_like(mine) for _ in range(topo.world_size)]
+    try:
+        work = dist.all_gather(rows, mine, async_op=True)
+        assert work is not None
+        work.wait(timeout=timedelta(seconds=timeout))
+    except Exception as exc:
+        raise CoordinationError(
+            f"rank {topo.rank}: ranks did not all report on {what} within {timeout:g}s "
+            f"({type(exc).__name__}); look for the first error in the other ranks' logs"
+        ) from exc
+    return [
+        f"rank {r}: {_decode_text(row.cpu())}"
+        for r, row in enumerate(rows)
+        if int(row[1]) == 2
+    ]
+
+
 def ensure_process_group(topo: Topology, backend: str | None, timeout: float) -> bool:
     """Initialise the default group from ``topo`` unless one exists; True if we created it."""
     if not topo.is_distributed:

@@ -54,7 +54,9 @@ class SeedPlan:
         cuda_device: int | None = None,
         deterministic: tuple[str, ...] = (),
         run_dir: Path | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        self.timeout = timeout
         self._base_seed = validate_seed(base_seed, source="base_seed")
         self._topology = topology
         self._source = source
@@ -267,7 +269,7 @@ class SeedPlan:
 
     def load_state_dict(self, state: dict[str, Any], *, source: str = "state dict") -> None:
         """Restore RNGs, epoch and data positions; checks first, so a bad state changes nothing."""
-        self._check_state(state, source)
+        self.check_state(state, source=source)
         restore_rngs(state["rng"], self._cuda_device)
         self._epoch = -1  # force set_epoch to treat the restored epoch as new, then restore
         self.set_epoch(int(state["epoch"]))
@@ -286,7 +288,8 @@ class SeedPlan:
             )
         loader.progress.pending = int(saved["position"])
 
-    def _check_state(self, state: dict[str, Any], source: str) -> None:
+    def check_state(self, state: dict[str, Any], *, source: str = "state dict") -> None:
+        """Raise :class:`StateError` if ``state`` cannot continue this run; changes nothing."""
         def mismatch(what: str, saved: object, now: object, fix: str) -> StateError:
             return StateError(
                 f"rank {self.rank}: {source} was saved with {what} {saved!r} but this run has "
@@ -420,7 +423,7 @@ def setup(
         )
     plan = SeedPlan(
         agreement.base_seed, topo, source=agreement.source.label, scheme=scheme,
-        cuda_device=cuda_device, deterministic=flags, run_dir=chosen_dir,
+        cuda_device=cuda_device, deterministic=flags, run_dir=chosen_dir, timeout=timeout,
     )
     _persist(plan, chosen_dir, explicit_dir, timeout)
     seed_process(plan.process_seed, cuda_device=cuda_device)

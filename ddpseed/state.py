@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .coordinator import share_errors
 from .errors import StateError
 from .files import atomic_write_bytes
 
@@ -112,14 +113,32 @@ def state_path(path: str | os.PathLike[str], rank: int) -> Path:
 
 
 def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
-    """Atomically write this rank's ``plan.state_dict()``; returns the file written."""
+    """Atomically write this rank's ``plan.state_dict()``; returns the file written.
+
+    Collective when the job is distributed: if any rank cannot write (disk full, read-only
+    directory), every rank raises :class:`StateError` naming it; earlier files stay intact.
+    """
     target = state_path(path, plan.rank)
-    state = plan.state_dict()
-    payload = {"format": FORMAT, "digest": digest(state), "state": state}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(target, buffer.getvalue(), what=f"rank {plan.rank} RNG state")
+    error = None
+    try:
+        state = plan.state_dict()
+        payload = {"format": FORMAT, "digest": digest(state), "state": state}
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        atomic_write_bytes(target, buffer.getvalue(), what=f"rank {plan.rank} RNG state")
+    except StateError as exc:
+        error = str(exc)
+    _raise_shared(error, plan, f"saving {path}")
     return target
+
+
+def _raise_shared(error: str | None, plan: SeedPlan, what: str) -> None:
+    failures = share_errors(error, plan.topology, plan.timeout, what)
+    if failures:
+        raise StateError(
+            f"{what} failed on {len(failures)} of {plan.world_size} ranks; nothing was "
+            "changed:\n" + "\n".join(f"  {line}" for line in failures)
+        )
 
 
 def read_state(path: str | os.PathLike[str], rank: int) -> dict[str, Any]:
@@ -155,5 +174,18 @@ def read_state(path: str | os.PathLike[str], rank: int) -> dict[str, Any]:
 
 
 def load_state(path: str | os.PathLike[str], plan: SeedPlan) -> None:
-    """Restore this rank's RNGs, epoch and data position from ``save_state``'s file."""
-    plan.load_state_dict(read_state(path, plan.rank), source=str(state_path(path, plan.rank)))
+    """Restore this rank's RNGs, epoch and data position from ``save_state``'s file.
+
+    Every rank validates its file first; only if all of them are sound does any rank restore,
+    so one torn file stops the whole job with the same error instead of half a resume.
+    """
+    source = str(state_path(path, plan.rank))
+    error, state = None, None
+    try:
+        state = read_state(path, plan.rank)
+        plan.check_state(state, source=source)
+    except StateError as exc:
+        error = str(exc)
+    _raise_shared(error, plan, f"loading {path}")
+    assert state is not None
+    plan.load_state_dict(state, source=source)

@@ -1,0 +1,51 @@
+"""One rank of a fault-suite job. FAULT (what goes wrong) and FAULT_RANK (where) come from env.
+
+Prints ``OK <base seed>`` on success; on a ddpseed error prints ``DDPSEED_ERROR <type>: <msg>``
+to stderr and exits 3, so the suite can assert on what every rank said.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch.distributed as dist
+
+import ddpseed
+from ddpseed import coordinator
+from ddpseed.topology import detect
+
+fault = os.environ.get("FAULT", "none")
+me = int(os.environ["RANK"]) == int(os.environ.get("FAULT_RANK", "-1"))
+timeout = float(os.environ.get("FAULT_TIMEOUT", "10"))
+state = os.environ.get("FAULT_STATE")
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+try:
+    if me and fault == "raise":
+        raise RuntimeError("user code failed before ddpseed.setup")
+    if me and fault == "kill-before":
+        coordinator.ensure_process_group(detect(), None, timeout)  # joined, then dies
+        die()
+    if me and fault == "kill-during":
+        real = dist.all_gather
+
+        def gather_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
+            real(*args, **kwargs)  # the collective is under way when this rank dies
+            die()
+
+        dist.all_gather = gather_then_die
+    plan = ddpseed.setup(timeout=timeout, run_dir=os.environ.get("FAULT_RUN_DIR"))
+    if state and fault == "save":
+        ddpseed.save_state(state, plan)
+    if state and fault == "load":
+        ddpseed.load_state(state, plan)
+    print(f"OK {plan.base_seed}", flush=True)
+except ddpseed.DDPSeedError as exc:
+    print(f"DDPSEED_ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    sys.exit(3)
