@@ -279,14 +279,20 @@ class SeedPlan:
                 self._restore_loader(loader, self._pending_loaders[index], index)
 
     def _restore_loader(self, loader: TrackedDataLoader, saved: dict[str, Any], i: int) -> None:
-        now = {"step": loader.step_size, "shard": len(loader.shard_sampler)}
-        if {k: saved[k] for k in now} != now:
-            raise StateError(
-                f"rank {self.rank}: loader #{i} was saved with batch size {saved['step']} over a "
-                f"shard of {saved['shard']} samples, but is now batch size {now['step']} over "
-                f"{now['shard']}; resume with the same dataset and batch size"
-            )
+        problem = self._loader_mismatch(loader, saved, i)
+        if problem:
+            raise StateError(problem)
         loader.progress.pending = int(saved["position"])
+
+    def _loader_mismatch(self, loader: TrackedDataLoader, saved: dict[str, Any], i: int) -> str:
+        now = {"step": loader.step_size, "shard": len(loader.shard_sampler)}
+        if {k: saved.get(k) for k in now} == now:
+            return ""
+        return (
+            f"rank {self.rank}: loader #{i} was saved with batch size {saved.get('step')} over a "
+            f"shard of {saved.get('shard')} samples, but is now batch size {now['step']} over "
+            f"{now['shard']}; resume with the same dataset and batch size. Nothing was restored"
+        )
 
     def check_state(self, state: dict[str, Any], *, source: str = "state dict") -> None:
         """Raise :class:`StateError` if ``state`` cannot continue this run; changes nothing."""
@@ -322,6 +328,10 @@ class SeedPlan:
             )
         if state["rng"].get("cuda") is not None and self._cuda_device is None:
             raise mismatch("a CUDA generator", "present", "no GPU", "resume on a GPU machine")
+        for i, (loader, saved) in enumerate(zip(self._live_loaders(), state["loaders"])):
+            problem = self._loader_mismatch(loader, saved, i)
+            if problem:
+                raise StateError(problem)
 
     def __repr__(self) -> str:
         return (
