@@ -30,19 +30,30 @@ def _seed_arg(text: str) -> int:
 
 # -- plan ---------------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
-    table = seed_table(args.seed, args.world_size, args.num_workers, args.epochs, scheme=args.scheme)
+    table = seed_table(
+        args.seed, args.world_size, args.num_workers, args.epochs, scheme=args.scheme
+    )
     collisions = table.collisions()
     if args.json:
-        out(json.dumps({
-            "base_seed": table.base, "world_size": table.world_size,
-            "num_workers": table.num_workers, "epochs": table.epochs, "scheme": table.scheme,
-            "process_seeds": list(table.process),
-            "worker_seeds": [[list(ws) for ws in ranks] for ranks in table.workers],
-            "collisions": [{"seed": s, "users": who} for s, who in collisions],
-        }))
+        out(
+            json.dumps(
+                {
+                    "base_seed": table.base,
+                    "world_size": table.world_size,
+                    "num_workers": table.num_workers,
+                    "epochs": table.epochs,
+                    "scheme": table.scheme,
+                    "process_seeds": list(table.process),
+                    "worker_seeds": [[list(ws) for ws in ranks] for ranks in table.workers],
+                    "collisions": [{"seed": s, "users": who} for s, who in collisions],
+                }
+            )
+        )
         return 0
-    out(f"base seed {table.base}, world size {table.world_size}, {table.num_workers} workers "
-        f"per rank, {table.epochs} epoch(s), scheme {table.scheme}")
+    out(
+        f"base seed {table.base}, world size {table.world_size}, {table.num_workers} workers "
+        f"per rank, {table.epochs} epoch(s), scheme {table.scheme}"
+    )
     head = f"{'rank':>5} {'process seed':>12}"
     for e in range(table.epochs):
         head += f"  worker seeds epoch {e}"
@@ -61,8 +72,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if len(collisions) > args.show:
             out(f"  ... {len(collisions) - args.show} more (--show N, or --json)")
         if table.scheme == "default":
-            out("  (process seeds and worker seeds share one range by design of the default rule;"
-                " --scheme disjoint gives collision-free seeds)")
+            out(
+                "  (process seeds and worker seeds share one range by design of the default rule;"
+                " --scheme disjoint gives collision-free seeds)"
+            )
     return 0
 
 
@@ -86,12 +99,17 @@ def _draws(seed: int | None) -> dict[str, float]:
     import torch
 
     if seed is None:
-        return {"random": random.random(), "numpy": float(np.random.random()),
-                "torch": float(torch.rand(1)[0])}
+        return {
+            "random": random.random(),
+            "numpy": float(np.random.random()),
+            "torch": float(torch.rand(1)[0]),
+        }
     gen = torch.Generator().manual_seed(seed)
-    return {"random": random.Random(seed).random(),
-            "numpy": float(np.random.RandomState(seed).random_sample()),
-            "torch": float(torch.rand(1, generator=gen)[0])}
+    return {
+        "random": random.Random(seed).random(),
+        "numpy": float(np.random.RandomState(seed).random_sample()),
+        "torch": float(torch.rand(1, generator=gen)[0]),
+    }
 
 
 class _WorkerSeeds:
@@ -122,15 +140,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     topo = plan.topology
     report: dict[str, Any] = {k: getattr(topo, k) for k in topo.__dataclass_fields__}
     report.update(
-        hostname=socket.gethostname(), base_seed=plan.base_seed, process_seed=plan.process_seed,
-        seed_source=plan.seed_source, draws=_draws(None), expected=_draws(plan.process_seed),
+        hostname=socket.gethostname(),
+        base_seed=plan.base_seed,
+        process_seed=plan.process_seed,
+        seed_source=plan.seed_source,
+        draws=_draws(None),
+        expected=_draws(plan.process_seed),
         shard=[int(i) for i in plan.sampler(range(args.dataset_size))],
     )
     if args.num_workers:
         import torch
 
-        loader = plan.dataloader(_WorkerSeeds(4 * args.num_workers), batch_size=None,
-                                 num_workers=args.num_workers, shuffle=False)
+        loader = plan.dataloader(
+            _WorkerSeeds(4 * args.num_workers),
+            batch_size=None,
+            num_workers=args.num_workers,
+            shuffle=False,
+        )
         seen = {int(w): int(s) for w, s in loader}
         report["worker_seeds"] = {str(w): s for w, s in sorted(seen.items())}
         report["expected_worker_seeds"] = {
@@ -169,8 +195,10 @@ def _verify_problems(reports: list[dict[str, Any]], dataset_size: int) -> list[s
         if r["draws"] != r["expected"]:
             problems.append(f"rank {r['rank']}: RNG draws {r['draws']} != expected {r['expected']}")
         if r.get("worker_seeds", {}) != r.get("expected_worker_seeds", {}):
-            problems.append(f"rank {r['rank']}: worker seeds {r['worker_seeds']} != expected "
-                            f"{r['expected_worker_seeds']}")
+            problems.append(
+                f"rank {r['rank']}: worker seeds {r['worker_seeds']} != expected "
+                f"{r['expected_worker_seeds']}"
+            )
     shards = [set(r["shard"]) for r in reports]
     covered = set().union(*shards)
     if covered != set(range(dataset_size)):
@@ -181,28 +209,47 @@ def _verify_problems(reports: list[dict[str, Any]], dataset_size: int) -> list[s
 
 
 def _print_verify(reports: list[dict[str, Any]], problems: list[str]) -> None:
-    out(f"{'rank':>4} {'node':>4} {'local':>5} {'host':<16} {'base seed':>10} "
-        f"{'process':>10} {'draws':>5} {'workers':>7} {'shard':>5}")
+    out(
+        f"{'rank':>4} {'node':>4} {'local':>5} {'host':<16} {'base seed':>10} "
+        f"{'process':>10} {'draws':>5} {'workers':>7} {'shard':>5}"
+    )
     for r in reports:
         draws = "ok" if r["draws"] == r["expected"] else "BAD"
-        workers = "-" if "worker_seeds" not in r else (
-            "ok" if r["worker_seeds"] == r["expected_worker_seeds"] else "BAD")
-        out(f"{r['rank']:>4} {r['node_rank']:>4} {r['local_rank']:>5} {r['hostname'][:16]:<16} "
+        workers = (
+            "-"
+            if "worker_seeds" not in r
+            else ("ok" if r["worker_seeds"] == r["expected_worker_seeds"] else "BAD")
+        )
+        out(
+            f"{r['rank']:>4} {r['node_rank']:>4} {r['local_rank']:>5} {r['hostname'][:16]:<16} "
             f"{r['base_seed']:>10} {r['process_seed']:>10} {draws:>5} {workers:>7} "
-            f"{len(r['shard']):>5}")
+            f"{len(r['shard']):>5}"
+        )
     if problems:
         out("DISAGREEMENT:")
         for p in problems:
             out(f"  {p}")
     else:
-        out(f"all {len(reports)} ranks agree on base seed {reports[0]['base_seed']} "
-            f"({reports[0]['seed_source']}); seeds, draws and shards as derived")
+        out(
+            f"all {len(reports)} ranks agree on base seed {reports[0]['base_seed']} "
+            f"({reports[0]['seed_source']}); seeds, draws and shards as derived"
+        )
 
 
 # -- demo ---------------------------------------------------------------------------------------
 def _torchrun(nproc: int, out_file: Path, extra: list[str], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "ddpseed.demo", "--out", str(out_file), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ddpseed.demo",
+        "--out",
+        str(out_file),
+        *extra,
+    ]
     env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
     env.pop("DDPSEED_SEED", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -216,14 +263,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     common = ["--num-workers", str(args.num_workers), "--epochs", str(args.epochs)]
     with tempfile.TemporaryDirectory(prefix="ddpseed-demo-") as tmp:
         first_args = [*common] + (["--seed", str(args.seed)] if args.seed is not None else [])
-        out(f"run 1: torchrun --nproc_per_node={args.nproc}, {args.num_workers} DataLoader "
+        out(
+            f"run 1: torchrun --nproc_per_node={args.nproc}, {args.num_workers} DataLoader "
             f"workers per rank, {args.epochs} epochs, seed "
-            f"{args.seed if args.seed is not None else 'from entropy'}")
+            f"{args.seed if args.seed is not None else 'from entropy'}"
+        )
         first = _torchrun(args.nproc, Path(tmp) / "run1.json", first_args, args.timeout)
         out(f"  base seed {first['base_seed']} ({first['seed_source']}), {first['steps']} steps")
         out(f"run 2: the same job again with seed {first['base_seed']} (as recorded by run 1)")
-        second = _torchrun(args.nproc, Path(tmp) / "run2.json",
-                           [*common, "--seed", str(first["base_seed"])], args.timeout)
+        second = _torchrun(
+            args.nproc,
+            Path(tmp) / "run2.json",
+            [*common, "--seed", str(first["base_seed"])],
+            args.timeout,
+        )
     out("")
     out(f"{'rank':>4} {'process seed':>12}  worker seeds (epoch 0)")
     for rank, ps in enumerate(first["process_seeds"]):

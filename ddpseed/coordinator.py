@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import IntEnum
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import PrefixStore  # type: ignore[attr-defined]
+from torch.distributed.rendezvous import rendezvous
 
 from .errors import CoordinationError, SeedMismatchError, SeedValueError, TopologyError
 from .topology import Topology
@@ -56,7 +59,9 @@ class Proposal:
     source: Source = Source.NONE
     seed: int | None = None
     error: str | None = None  # this rank's validation error, shown on every rank
-    fallback: int | None = None  # rank 0 only: the record or fresh entropy used if nobody is explicit
+    fallback: int | None = (
+        None  # rank 0 only: the record or fresh entropy used if nobody is explicit
+    )
     fallback_source: Source = Source.NONE
 
 
@@ -151,7 +156,7 @@ def decide(rows: torch.Tensor, world_size: int) -> Agreement:
     return Agreement(fallback, Source(int(rows[0, 5])))
 
 
-def _default_store() -> dist.Store | None:
+def _default_store() -> Any:
     try:
         from torch.distributed.distributed_c10d import _get_default_store
 
@@ -160,7 +165,7 @@ def _default_store() -> dist.Store | None:
         return None
 
 
-def _absent_ranks(store: dist.Store | None, key: str, world_size: int) -> list[int] | None:
+def _absent_ranks(store: Any, key: str, world_size: int) -> list[int] | None:
     if store is None or world_size > 4096:
         return None
     try:
@@ -184,7 +189,9 @@ def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
             log.debug("could not mark arrival in the store: %s", exc)
     backend = dist.get_backend()
     device = (
-        torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
     )
     mine = _encode(proposal, topo.world_size).to(device)
     rows = [torch.empty_like(mine) for _ in range(topo.world_size)]
@@ -218,7 +225,9 @@ def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -
         return [f"rank {topo.rank}: {error}"] if error else []
     backend = dist.get_backend()
     device = (
-        torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
     )
     mine = _encode(Proposal(error=error), topo.world_size).to(device)
     rows = [torch.empty_like(mine) for _ in range(topo.world_size)]
@@ -232,9 +241,7 @@ def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -
             f"({type(exc).__name__}); look for the first error in the other ranks' logs"
         ) from exc
     return [
-        f"rank {r}: {_decode_text(row.cpu())}"
-        for r, row in enumerate(rows)
-        if int(row[1]) == 2
+        f"rank {r}: {_decode_text(row.cpu())}" for r, row in enumerate(rows) if int(row[1]) == 2
     ]
 
 
@@ -258,22 +265,29 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
     # keys are the same every attempt: a restarted rank could read the gloo address of a rank
     # that died. Namespacing the store by attempt keeps each attempt's keys apart.
     url = (
-        "env://" if topo.launcher == "torchrun"
+        "env://"
+        if topo.launcher == "torchrun"
         else f"tcp://{_bracket(topo.master_addr)}:{topo.master_port}"
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    log.info("rank %d: init_process_group(%s, %s, world %d, attempt %s)",
-             topo.rank, chosen, url, topo.world_size, attempt)
+    log.info(
+        "rank %d: init_process_group(%s, %s, world %d, attempt %s)",
+        topo.rank,
+        chosen,
+        url,
+        topo.world_size,
+        attempt,
+    )
     kwargs = {}
     if chosen == "nccl":
         kwargs["device_id"] = torch.device("cuda", topo.local_rank)
     try:
         store, _, _ = next(
-            dist.rendezvous(url, topo.rank, topo.world_size, timeout=timedelta(seconds=timeout))
+            rendezvous(url, topo.rank, topo.world_size, timeout=timedelta(seconds=timeout))
         )
         dist.init_process_group(
             backend=chosen,
-            store=dist.PrefixStore(f"ddpseed/attempt_{attempt}", store),
+            store=PrefixStore(f"ddpseed/attempt_{attempt}", store),
             rank=topo.rank,
             world_size=topo.world_size,
             timeout=timedelta(seconds=timeout),

@@ -74,13 +74,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     plan = ddpseed.setup(seed=args.seed, run_dir=args.run_dir, timeout=args.timeout)
-    model: nn.Module = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2))
+    model: nn.Module = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2)
+    )
     if plan.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     workers = args.num_workers
     loader = plan.dataloader(
-        AugmentedBlobs(args.samples), batch_size=args.batch_size, num_workers=workers,
+        AugmentedBlobs(args.samples),
+        batch_size=args.batch_size,
+        num_workers=workers,
         persistent_workers=args.persistent_workers and workers > 0,
     )
     step, start_epoch, resumed_from = 0, 0, None
@@ -100,7 +104,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for x, y in loader:
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             step += 1
             trace.append((step, float(x.double().sum()), float(loss)))
@@ -128,7 +132,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "worker_seeds": [
             [ddpseed.worker_seed(plan.base_seed, r, workers, w) for w in range(workers)]
             for r in range(plan.world_size)
-        ] if workers else [],
+        ]
+        if workers
+        else [],
     }
     if plan.rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)

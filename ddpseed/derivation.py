@@ -40,7 +40,7 @@ def validate_seed(value: object, *, source: str = "seed") -> int:
     >>> validate_seed("42", source="DDPSEED_SEED")
     42
     """
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise SeedValueError(
             f"{source}={value!r} is a {type(value).__name__}; "
             f"pass an integer in [0, 2**32), e.g. {source}=1234"
@@ -217,4 +217,3 @@ def disjoint(seeds: Iterable[int]) -> bool:
     """True when no seed repeats."""
     items = list(seeds)
     return len(set(items)) == len(items)
-

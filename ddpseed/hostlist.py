@@ -34,7 +34,10 @@ def expand_hostlist(nodelist: str, *, use_scontrol: bool = True) -> list[str]:
         try:
             out = subprocess.run(
                 [scontrol, "show", "hostnames", text],
-                capture_output=True, text=True, timeout=10, check=True,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
             ).stdout.split()
             if out:
                 return out

@@ -37,7 +37,7 @@ class TrackedDataLoader(DataLoader[Any]):
         self.progress = Progress()
         self._seed = seed
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         # torch draws the workers' base seed from this generator at each new iterator; making
         # that draw a function of the seed alone keeps the global RNG untouched and restorable.
         if isinstance(self.generator, torch.Generator):

@@ -115,13 +115,22 @@ class SeedPlan:
     def worker_seed(self, worker_id: int, num_workers: int, epoch: int = 0) -> int:
         """Seed of this rank's DataLoader worker ``worker_id`` of ``num_workers`` in ``epoch``."""
         return worker_seed(
-            self._base_seed, self.rank, num_workers, worker_id, epoch, self.world_size,
+            self._base_seed,
+            self.rank,
+            num_workers,
+            worker_id,
+            epoch,
+            self.world_size,
             scheme=self._scheme,
         )
 
     def _new_init_fn(self, then: Any = None) -> WorkerInitFn:
         fn = WorkerInitFn(
-            self._base_seed, self.rank, self.world_size, epoch=self._epoch, scheme=self._scheme,
+            self._base_seed,
+            self.rank,
+            self.world_size,
+            epoch=self._epoch,
+            scheme=self._scheme,
             then=then,
         )
         self._init_fns.add(fn)
@@ -153,8 +162,12 @@ class SeedPlan:
 
             cls = ScalableDistributedSampler
         sampler = cls(
-            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
-            seed=self._base_seed, drop_last=drop_last,
+            dataset,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=shuffle,
+            seed=self._base_seed,
+            drop_last=drop_last,
         )
         sampler.set_epoch(self._epoch)
         self._samplers.add(sampler)
@@ -195,7 +208,10 @@ class SeedPlan:
             loader_kwargs.update(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
             data = dataset
         loader = TrackedDataLoader(
-            data, shard_sampler=sampler, seed=self.process_seed, step_size=batch_size or 1,
+            data,
+            shard_sampler=sampler,
+            seed=self.process_seed,
+            step_size=batch_size or 1,
             generator=self.generator(),
             **loader_kwargs,
         )
@@ -236,10 +252,15 @@ class SeedPlan:
                 "worker_seed": "(base + (epoch*world_size + rank)*W + worker_id) mod 2**32",
             },
             "topology": {
-                "launcher": topo.launcher, "rank": topo.rank, "local_rank": topo.local_rank,
-                "world_size": topo.world_size, "local_world_size": topo.local_world_size,
-                "node_rank": topo.node_rank, "num_nodes": topo.num_nodes,
-                "master_addr": topo.master_addr, "master_port": topo.master_port,
+                "launcher": topo.launcher,
+                "rank": topo.rank,
+                "local_rank": topo.local_rank,
+                "world_size": topo.world_size,
+                "local_world_size": topo.local_world_size,
+                "node_rank": topo.node_rank,
+                "num_nodes": topo.num_nodes,
+                "master_addr": topo.master_addr,
+                "master_port": topo.master_port,
                 "run_id": topo.run_id,
             },
             "process_seed": self.process_seed,
@@ -247,7 +268,8 @@ class SeedPlan:
             "deterministic": list(self._deterministic),
             "run_dir": str(self._run_dir) if self._run_dir else None,
             "versions": {
-                "torch": torch.__version__, "numpy": np.__version__,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
                 "python": platform.python_version(),
             },
             "host": socket.gethostname(),
@@ -296,6 +318,7 @@ class SeedPlan:
 
     def check_state(self, state: dict[str, Any], *, source: str = "state dict") -> None:
         """Raise :class:`StateError` if ``state`` cannot continue this run; changes nothing."""
+
         def mismatch(what: str, saved: object, now: object, fix: str) -> StateError:
             return StateError(
                 f"rank {self.rank}: {source} was saved with {what} {saved!r} but this run has "
@@ -308,12 +331,16 @@ class SeedPlan:
             raise StateError(f"rank {self.rank}: {source} lacks {missing}; not a {FORMAT} state")
         if state["base_seed"] != self._base_seed:
             raise mismatch(
-                "base seed", state["base_seed"], self._base_seed,
+                "base seed",
+                state["base_seed"],
+                self._base_seed,
                 "pass seed=<saved seed>, or the run_dir of the first attempt, to setup()",
             )
         if state["world_size"] != self.world_size:
             raise mismatch(
-                "world size", state["world_size"], self.world_size,
+                "world size",
+                state["world_size"],
+                self.world_size,
                 "resume with the saved number of ranks (its shards differ from this one's)",
             )
         if state["rank"] != self.rank:
@@ -323,12 +350,15 @@ class SeedPlan:
         now_torch = torch.__version__.split("+")[0]
         if state.get("torch_version") != now_torch:
             raise mismatch(
-                "torch", state.get("torch_version"), now_torch,
+                "torch",
+                state.get("torch_version"),
+                now_torch,
                 "RNG state layouts differ between torch releases; resume with the saved one",
             )
         if state["rng"].get("cuda") is not None and self._cuda_device is None:
             raise mismatch("a CUDA generator", "present", "no GPU", "resume on a GPU machine")
-        for i, (loader, saved) in enumerate(zip(self._live_loaders(), state["loaders"])):
+        pairs = zip(self._live_loaders(), state["loaders"], strict=False)
+        for i, (loader, saved) in enumerate(pairs):
             problem = self._loader_mismatch(loader, saved, i)
             if problem:
                 raise StateError(problem)
@@ -429,11 +459,18 @@ def setup(
     if agreement.source == Source.ENTROPY:
         log.warning(
             "base seed %d drawn from OS entropy; replay this run with DDPSEED_SEED=%d",
-            agreement.base_seed, agreement.base_seed,
+            agreement.base_seed,
+            agreement.base_seed,
         )
     plan = SeedPlan(
-        agreement.base_seed, topo, source=agreement.source.label, scheme=scheme,
-        cuda_device=cuda_device, deterministic=flags, run_dir=chosen_dir, timeout=timeout,
+        agreement.base_seed,
+        topo,
+        source=agreement.source.label,
+        scheme=scheme,
+        cuda_device=cuda_device,
+        deterministic=flags,
+        run_dir=chosen_dir,
+        timeout=timeout,
     )
     _persist(plan, chosen_dir, explicit_dir, timeout)
     seed_process(plan.process_seed, cuda_device=cuda_device)

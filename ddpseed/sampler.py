@@ -88,8 +88,13 @@ class SeededDistributedSampler(ResumableSampler, DistributedSampler[int]):
         drop_last: bool = False,
     ) -> None:
         DistributedSampler.__init__(
-            self, dataset, num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
-            shuffle=shuffle, seed=seed, drop_last=drop_last,
+            self,
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,  # type: ignore[arg-type]
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
         )
 
     def _indices(self, start: int) -> Iterator[int]:

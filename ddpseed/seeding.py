@@ -64,7 +64,7 @@ def enable_determinism() -> list[str]:
     """Turn on deterministic kernels; returns the flags set (for the manifest)."""
     flags: list[str] = []
     if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             warnings.warn(
                 "CUDA is already initialised, so CUBLAS_WORKSPACE_CONFIG set now may not take "
                 "effect; call ddpseed.setup(deterministic=True) before any CUDA work, or export "

@@ -34,7 +34,7 @@ FORMAT = "ddpseed.state/1"
 def capture_rngs(cuda_device: int | None) -> dict[str, Any]:
     """This process's RNG states: Python, NumPy global, torch CPU and this rank's CUDA device."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": {
             "version": version,
@@ -61,8 +61,13 @@ def restore_rngs(state: dict[str, Any], cuda_device: int | None) -> None:
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
     np.random.set_state(
-        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-         npy["cached_gaussian"])
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")

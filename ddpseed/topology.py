@@ -166,7 +166,8 @@ class SlurmEnvironment(LauncherEnvironment):
         nodelist = env.get(nodes_var, env.get("SLURM_NODELIST", ""))
         hosts = expand_hostlist(nodelist) if nodelist else ["127.0.0.1"]
         tasks_var = (
-            "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in env
+            "SLURM_STEP_TASKS_PER_NODE"
+            if "SLURM_STEP_TASKS_PER_NODE" in env
             else "SLURM_TASKS_PER_NODE"
         )
         node_rank = _int(env, "SLURM_NODEID", 0)
@@ -208,8 +209,14 @@ class SingleEnvironment(LauncherEnvironment):
         env = self.env
         job_id = env.get("SLURM_JOB_ID")
         return Topology(
-            launcher="single", rank=0, local_rank=0, world_size=1, local_world_size=1,
-            node_rank=0, num_nodes=1, master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            launcher="single",
+            rank=0,
+            local_rank=0,
+            world_size=1,
+            local_world_size=1,
+            node_rank=0,
+            num_nodes=1,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
             run_id=f"slurm-{job_id}" if job_id else None,
         )

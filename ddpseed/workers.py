@@ -56,7 +56,12 @@ class WorkerInitFn:
 
     def seed_for(self, worker_id: int, num_workers: int) -> int:
         return worker_seed(
-            self.base_seed, self.rank, num_workers, worker_id, self.epoch, self.world_size,
+            self.base_seed,
+            self.rank,
+            num_workers,
+            worker_id,
+            self.epoch,
+            self.world_size,
             scheme=self.scheme,
         )
 
@@ -131,10 +136,18 @@ class ExactDataset(Dataset[Any]):
     def __getitems__(self, indices: list[int]) -> Any:
         info = get_worker_info()
         if info is not None and isinstance(indices, TaggedBatch):
-            slot, ordinal = indices.batch_no % info.num_workers, indices.batch_no // info.num_workers
+            slot, ordinal = (
+                indices.batch_no % info.num_workers,
+                indices.batch_no // info.num_workers,
+            )
             fn = self.init_fn
             base = worker_seed(
-                fn.base_seed, fn.rank, info.num_workers, slot, indices.epoch, fn.world_size,
+                fn.base_seed,
+                fn.rank,
+                info.num_workers,
+                slot,
+                indices.epoch,
+                fn.world_size,
                 scheme=fn.scheme,
             )
             seed_worker_rngs(batch_seed(base, ordinal))

@@ -27,9 +27,17 @@ def test_formulas_from_the_contract() -> None:
 
 @pytest.mark.parametrize(
     ("value", "fragment"),
-    [(-1, "outside [0, 2**32)"), (2**32, "outside [0, 2**32)"), (1e3, "float"),
-     (True, "bool"), ("abc", "not a decimal integer"), ("", "not a decimal integer"),
-     ("1e3", "not a decimal integer"), ("-1", "outside"), ([1], "not an integer")],
+    [
+        (-1, "outside [0, 2**32)"),
+        (2**32, "outside [0, 2**32)"),
+        (1e3, "float"),
+        (True, "bool"),
+        ("abc", "not a decimal integer"),
+        ("", "not a decimal integer"),
+        ("1e3", "not a decimal integer"),
+        ("-1", "outside"),
+        ([1], "not an integer"),
+    ],
 )
 def test_bad_seeds_are_named(value: object, fragment: str) -> None:
     with pytest.raises(ddpseed.SeedValueError, match=r"seed") as info:
@@ -72,13 +80,21 @@ def test_worker_seed_in_range_and_formula(
     wid = data.draw(st.integers(0, workers - 1))
     s = ddpseed.worker_seed(base, rank, workers, wid, epoch, world)
     assert s == (base + (epoch * world + rank) * workers + wid) % SEED_SPACE
-    assert 0 <= ddpseed.worker_seed(base, rank, workers, wid, epoch, world, scheme="disjoint") \
+    assert (
+        0
+        <= ddpseed.worker_seed(base, rank, workers, wid, epoch, world, scheme="disjoint")
         < SEED_SPACE
+    )
 
 
 @settings(max_examples=60, deadline=None)
-@given(base=seeds, world=small, workers=small, epochs=st.integers(1, 4),
-       scheme=st.sampled_from(["default", "disjoint"]))
+@given(
+    base=seeds,
+    world=small,
+    workers=small,
+    epochs=st.integers(1, 4),
+    scheme=st.sampled_from(["default", "disjoint"]),
+)
 def test_no_two_workers_or_ranks_share_a_seed(
     base: int, world: int, workers: int, epochs: int, scheme: str
 ) -> None:
@@ -103,15 +119,38 @@ def _brute_force_collisions(table: ddpseed.SeedTable) -> set[int]:
 
 
 @settings(max_examples=5, deadline=None)
-@given(base=st.one_of(seeds, st.just(SEED_SPACE - 3)), world=small, workers=st.integers(0, 6),
-       epochs=st.integers(1, 3), scheme=st.sampled_from(["default", "disjoint"]))
+@given(
+    base=st.one_of(seeds, st.just(SEED_SPACE - 3)),
+    world=small,
+    workers=st.integers(0, 6),
+    epochs=st.integers(1, 3),
+    scheme=st.sampled_from(["default", "disjoint"]),
+)
 def test_cli_plan_reports_exactly_the_brute_force_collisions(
     base: int, world: int, workers: int, epochs: int, scheme: str
 ) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ddpseed", "plan", "--seed", str(base), "--world-size",
-         str(world), "--num-workers", str(workers), "--epochs", str(epochs), "--scheme", scheme,
-         "--json"], capture_output=True, text=True, check=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "ddpseed",
+            "plan",
+            "--seed",
+            str(base),
+            "--world-size",
+            str(world),
+            "--num-workers",
+            str(workers),
+            "--epochs",
+            str(epochs),
+            "--scheme",
+            scheme,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     report = json.loads(proc.stdout)
     table = seed_table(base, world, workers, epochs, scheme=scheme)  # type: ignore[arg-type]
@@ -121,8 +160,23 @@ def test_cli_plan_reports_exactly_the_brute_force_collisions(
 
 def test_cli_plan_table_lists_every_rank() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ddpseed", "plan", "--seed", "42", "--world-size", "16",
-         "--num-workers", "4", "--epochs", "2"], capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "ddpseed",
+            "plan",
+            "--seed",
+            "42",
+            "--world-size",
+            "16",
+            "--num-workers",
+            "4",
+            "--epochs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
         timeout=60,
     )
     lines = proc.stdout.splitlines()
@@ -132,6 +186,10 @@ def test_cli_plan_table_lists_every_rank() -> None:
 
 
 def test_cli_rejects_a_bad_seed_with_the_reason() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ddpseed", "plan", "--seed", "-5",
-                           "--world-size", "2"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpseed", "plan", "--seed", "-5", "--world-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "outside [0, 2**32)" in proc.stderr

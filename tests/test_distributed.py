@@ -16,8 +16,9 @@ from helpers.ranks import clean_env, free_port, torchrun
 
 
 def verify(nproc: int, *extra: str, env: dict[str, str] | None = None) -> list[dict]:  # type: ignore[type-arg]
-    proc = torchrun(["-m", "ddpseed", "verify", "--json", *extra], nproc=nproc, timeout=240,
-                    env=env)
+    proc = torchrun(
+        ["-m", "ddpseed", "verify", "--json", *extra], nproc=nproc, timeout=240, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("DDPSEED_VERIFY "))
     reports: list[dict] = json.loads(line.split(" ", 1)[1])  # type: ignore[type-arg]
@@ -32,8 +33,7 @@ def test_torchrun_four_ranks_agree_and_shard_like_torch() -> None:
         assert r["base_seed"] == 2024 and r["process_seed"] == 2024 + r["rank"]
         assert r["draws"] == r["expected"]
         assert r["worker_seeds"] == {str(w): 2024 + r["rank"] * 2 + w for w in range(2)}
-        torch_order = list(DistributedSampler(range(64), num_replicas=4, rank=r["rank"],
-                                              seed=2024))
+        torch_order = list(DistributedSampler(range(64), num_replicas=4, rank=r["rank"], seed=2024))
         assert r["shard"] == torch_order
     shards = [set(r["shard"]) for r in reports]
     assert set().union(*shards) == set(range(64)) and sum(map(len, shards)) == 64
@@ -66,13 +66,19 @@ def test_verify_exits_nonzero_when_ranks_disagree(tmp_path: Path) -> None:
 
 
 def _spawned(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     plan = ddpseed.setup(seed=8, timeout=60)
     sampler = plan.sampler(range(30))
     plan.set_epoch(1)
-    Path(out_dir, f"{rank}.json").write_text(json.dumps(
-        {"base": plan.base_seed, "process": plan.process_seed, "shard": list(sampler)}))
+    Path(out_dir, f"{rank}.json").write_text(
+        json.dumps({"base": plan.base_seed, "process": plan.process_seed, "shard": list(sampler)})
+    )
     import torch.distributed as dist
 
     dist.destroy_process_group()
@@ -89,18 +95,40 @@ def test_multiprocessing_spawn_ranks_agree(tmp_path: Path) -> None:
 
 
 def test_demo_ends_with_identical_weights() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ddpseed", "demo", "--nproc", "2", "--epochs",
-                           "1"], env=clean_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpseed", "demo", "--nproc", "2", "--epochs", "1"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "bitwise identical: yes" in proc.stdout
     assert "from entropy" in proc.stdout
 
 
 def test_env_command_reports_torchrun_topology() -> None:
-    env = clean_env(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2",
-                    GROUP_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="1234")
-    proc = subprocess.run([sys.executable, "-m", "ddpseed", "env", "--json"], env=env,
-                          capture_output=True, text=True, timeout=60, check=True)
+    env = clean_env(
+        RANK="3",
+        LOCAL_RANK="1",
+        WORLD_SIZE="4",
+        LOCAL_WORLD_SIZE="2",
+        GROUP_RANK="1",
+        MASTER_ADDR="10.0.0.1",
+        MASTER_PORT="1234",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpseed", "env", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     topo = json.loads(proc.stdout)
-    assert (topo["launcher"], topo["rank"], topo["node_rank"], topo["num_nodes"]) == \
-        ("torchrun", 3, 1, 2)
+    assert (topo["launcher"], topo["rank"], topo["node_rank"], topo["num_nodes"]) == (
+        "torchrun",
+        3,
+        1,
+        2,
+    )

@@ -22,8 +22,12 @@ MARGIN = 40.0
 
 
 def run(world: int, fault: str = "none", fault_rank: int = -1, **kw: object) -> list[RankResult]:
-    env = {"FAULT": fault, "FAULT_RANK": str(fault_rank), "FAULT_TIMEOUT": str(TIMEOUT),
-           **kw.pop("env", {})}  # type: ignore[dict-item]
+    env = {
+        "FAULT": fault,
+        "FAULT_RANK": str(fault_rank),
+        "FAULT_TIMEOUT": str(TIMEOUT),
+        **kw.pop("env", {}),
+    }  # type: ignore[dict-item]
     results = run_ranks(SCRIPT, world, timeout=TIMEOUT + MARGIN, env=env, **kw)  # type: ignore[arg-type]
     for r in results:
         assert "test harness" not in r.stderr, f"rank {r.rank} hung:\n{r.stderr[-2000:]}"
@@ -40,8 +44,9 @@ def errors_of(results: list[RankResult]) -> dict[int, str]:
     return out
 
 
-def assert_every_live_rank_failed(results: list[RankResult], *fragments: str,
-                                  dead: tuple[int, ...] = ()) -> dict[int, str]:
+def assert_every_live_rank_failed(
+    results: list[RankResult], *fragments: str, dead: tuple[int, ...] = ()
+) -> dict[int, str]:
     errs = errors_of(results)
     for r in results:
         if r.rank in dead:
@@ -85,26 +90,41 @@ def test_rank_zero_never_arrives() -> None:
 
 def test_one_rank_uses_another_master_port() -> None:
     results = run(2, per_rank_env={1: {"MASTER_PORT": str(free_port())}})
-    errs = assert_every_live_rank_failed(results, "CoordinationError", "same MASTER_ADDR/MASTER_PORT")
+    errs = assert_every_live_rank_failed(
+        results, "CoordinationError", "same MASTER_ADDR/MASTER_PORT"
+    )
     assert "could not listen" in errs[0] and "could not reach rank 0" in errs[1]
 
 
 def test_ranks_given_different_seeds() -> None:
-    results = run(3, per_rank_env={0: {"DDPSEED_SEED": "1"}, 1: {"DDPSEED_SEED": "1"},
-                                   2: {"DDPSEED_SEED": "2"}})
+    results = run(
+        3,
+        per_rank_env={0: {"DDPSEED_SEED": "1"}, 1: {"DDPSEED_SEED": "1"}, 2: {"DDPSEED_SEED": "2"}},
+    )
     errs = assert_every_live_rank_failed(
-        results, "SeedMismatchError", "seed 1 (from DDPSEED_SEED) on ranks 0-1",
-        "seed 2 (from DDPSEED_SEED) on ranks 2")
+        results,
+        "SeedMismatchError",
+        "seed 1 (from DDPSEED_SEED) on ranks 0-1",
+        "seed 2 (from DDPSEED_SEED) on ranks 2",
+    )
     assert len(set(errs.values())) == 1  # one identical message on every rank
 
 
 def test_seed_set_on_one_node_only() -> None:
     node = {"LOCAL_WORLD_SIZE": "2"}
-    per = {r: {**node, "GROUP_RANK": str(r // 2), "LOCAL_RANK": str(r % 2),
-               **({"DDPSEED_SEED": "9"} if r < 2 else {})} for r in range(4)}
+    per = {
+        r: {
+            **node,
+            "GROUP_RANK": str(r // 2),
+            "LOCAL_RANK": str(r % 2),
+            **({"DDPSEED_SEED": "9"} if r < 2 else {}),
+        }
+        for r in range(4)
+    }
     results = run(4, per_rank_env=per)
-    assert_every_live_rank_failed(results, "seed 9 (from DDPSEED_SEED) on ranks 0-1",
-                                  "no seed on ranks 2-3")
+    assert_every_live_rank_failed(
+        results, "seed 9 (from DDPSEED_SEED) on ranks 0-1", "no seed on ranks 2-3"
+    )
 
 
 @pytest.mark.parametrize("bad", ["-1", str(2**32), "1e3", "abc", ""])
@@ -131,19 +151,26 @@ def test_bad_state_file_on_one_rank_stops_every_rank(tmp_path: Path, damage: str
         # Flip bytes inside the stored tensors (not the zip directory): only the digest sees it.
         blob = bytearray(data)
         at = data.find(b"data/0") + 200
-        blob[at:at + 8] = bytes(b ^ 0xFF for b in blob[at:at + 8])
+        blob[at : at + 8] = bytes(b ^ 0xFF for b in blob[at : at + 8])
         victim.write_bytes(bytes(blob))
     elif damage == "foreign":
         torch.save({"model": torch.zeros(3)}, victim)
     else:
         victim.unlink()
     results = run(2, "load", env={"DDPSEED_SEED": "4", "FAULT_STATE": str(path)})
-    expected = {"truncated": "truncated or not a ddpseed state file",
-                "corrupted": "", "foreign": "is not a ddpseed state file",
-                "missing": "does not exist"}[damage]
-    assert_every_live_rank_failed(results, "StateError", "failed on 1 of 2 ranks",
-                                         f"rank 1: state file {victim}" if damage != "foreign"
-                                         else f"rank 1: {victim}", expected)
+    expected = {
+        "truncated": "truncated or not a ddpseed state file",
+        "corrupted": "",
+        "foreign": "is not a ddpseed state file",
+        "missing": "does not exist",
+    }[damage]
+    assert_every_live_rank_failed(
+        results,
+        "StateError",
+        "failed on 1 of 2 ranks",
+        f"rank 1: state file {victim}" if damage != "foreign" else f"rank 1: {victim}",
+        expected,
+    )
 
 
 def test_state_from_another_seed_is_refused(tmp_path: Path) -> None:
@@ -166,8 +193,9 @@ def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
         pytest.skip("needs root and mount(8) to make a tiny filesystem")
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {made.stderr.strip()}")
     try:
@@ -197,8 +225,9 @@ def test_state_write_failure_keeps_the_previous_file(small_fs: Path, how: str) -
         subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     results = run(2, "save", env={"DDPSEED_SEED": "4", "FAULT_STATE": str(path)})
     reason = "No space left on device" if how == "full" else "Read-only file system"
-    assert_every_live_rank_failed(results, "StateError", "could not write rank", reason,
-                                  "the previous version is untouched")
+    assert_every_live_rank_failed(
+        results, "StateError", "could not write rank", reason, "the previous version is untouched"
+    )
     assert (small_fs / "rng.rank1.pt").read_bytes() == good
     assert not [p for p in small_fs.iterdir() if p.name.endswith(".tmp")]
 

@@ -18,11 +18,17 @@ from helpers.ranks import torchrun
 DEMO = ["-m", "ddpseed.demo", "--epochs", "2", "--samples", "192", "--batch-size", "16"]
 
 
-def demo_run(tmp: Path, name: str, *extra: str, restarts: int = 0,
-             env: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+def demo_run(
+    tmp: Path, name: str, *extra: str, restarts: int = 0, env: dict[str, str] | None = None
+) -> dict:  # type: ignore[type-arg]
     out = tmp / f"{name}.json"
-    proc = torchrun([*DEMO, "--out", str(out), *extra], nproc=2, timeout=300,
-                    extra=[f"--max-restarts={restarts}"], env=env)
+    proc = torchrun(
+        [*DEMO, "--out", str(out), *extra],
+        nproc=2,
+        timeout=300,
+        extra=[f"--max-restarts={restarts}"],
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     result: dict = json.loads(out.read_text())  # type: ignore[type-arg]
     return result
@@ -36,8 +42,18 @@ def test_sigkill_mid_epoch_and_torchrun_restart_is_bitwise_identical(
     opts += ["--persistent-workers"] if persistent else []
     straight = demo_run(tmp_path, "straight", *opts)
     # 6 batches per rank per epoch; checkpoint every 4 steps; rank 1 dies at step 9 (epoch 1).
-    killed = demo_run(tmp_path, "killed", *opts, "--ckpt-dir", str(tmp_path / "ckpt"),
-                      "--every", "4", "--kill-at-step", "9", restarts=1)
+    killed = demo_run(
+        tmp_path,
+        "killed",
+        *opts,
+        "--ckpt-dir",
+        str(tmp_path / "ckpt"),
+        "--every",
+        "4",
+        "--kill-at-step",
+        "9",
+        restarts=1,
+    )
     assert (killed["restarts"], killed["resumed_from_step"]) == (1, 8)
     assert killed["steps"] == straight["steps"] == 12
     assert killed["trace"] == straight["trace"][8:]
@@ -46,12 +62,22 @@ def test_sigkill_mid_epoch_and_torchrun_restart_is_bitwise_identical(
 
 def test_entropy_seed_survives_the_restart(tmp_path: Path) -> None:
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    killed = demo_run(tmp_path, "killed", "--num-workers", "2", "--ckpt-dir",
-                      str(tmp_path / "ckpt"), "--every", "4", "--kill-at-step", "9",
-                      restarts=1, env=env)
+    killed = demo_run(
+        tmp_path,
+        "killed",
+        "--num-workers",
+        "2",
+        "--ckpt-dir",
+        str(tmp_path / "ckpt"),
+        "--every",
+        "4",
+        "--kill-at-step",
+        "9",
+        restarts=1,
+        env=env,
+    )
     assert killed["seed_source"] == "run record"  # the restart found attempt 0's entropy seed
-    replay = demo_run(tmp_path, "replay", "--num-workers", "2", "--seed",
-                      str(killed["base_seed"]))
+    replay = demo_run(tmp_path, "replay", "--num-workers", "2", "--seed", str(killed["base_seed"]))
     assert killed["weights_sha256"] == replay["weights_sha256"]
 
 
@@ -64,8 +90,9 @@ def test_in_process_resume_continues_data_and_rngs(workers: int, persistent: boo
     def fresh() -> tuple[ddpseed.SeedPlan, torch.utils.data.DataLoader]:  # type: ignore[type-arg]
         plan = make_plan()
         ddpseed.seeding.seed_process(plan.process_seed, cuda_device=None)
-        return plan, plan.dataloader(AugmentedBlobs(48), batch_size=8, num_workers=workers,
-                                     persistent_workers=persistent)
+        return plan, plan.dataloader(
+            AugmentedBlobs(48), batch_size=8, num_workers=workers, persistent_workers=persistent
+        )
 
     def consume(plan, loader, epochs, stop=None):  # type: ignore[no-untyped-def]
         seen, state = [], None
@@ -83,7 +110,7 @@ def test_in_process_resume_continues_data_and_rngs(workers: int, persistent: boo
     plan.load_state_dict(state)
     assert plan.epoch == 1
     rest, _ = consume(plan, loader, 2)
-    assert rest == full[-len(rest):] and len(rest) == 3
+    assert rest == full[-len(rest) :] and len(rest) == 3
 
 
 def test_state_file_loads_with_weights_only_and_no_allowlist(tmp_path: Path) -> None:

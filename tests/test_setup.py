@@ -25,7 +25,11 @@ from ddpseed.topology import Topology
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith(("DDPSEED_", "SLURM_", "TORCHELASTIC_")) or name in (
-            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
         ):
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -79,8 +83,11 @@ def test_every_rng_is_seeded_with_the_process_seed() -> None:
     plan = ddpseed.setup(seed=99)
     draws = (random.random(), float(np.random.random()), float(torch.rand(1)))
     gen = torch.Generator().manual_seed(99)
-    assert draws == (random.Random(99).random(), float(np.random.RandomState(99).random_sample()),
-                     float(torch.rand(1, generator=gen)))
+    assert draws == (
+        random.Random(99).random(),
+        float(np.random.RandomState(99).random_sample()),
+        float(torch.rand(1, generator=gen)),
+    )
     assert plan.process_seed == 99 and plan.generator().initial_seed() == 99
 
 
@@ -135,7 +142,9 @@ def test_run_dir_records_entropy_seed_and_manifest(tmp_path: Path) -> None:
     assert (again.base_seed, again.seed_source) == (first.base_seed, "run record")
 
 
-def test_torchelastic_run_id_names_a_run_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_torchelastic_run_id_names_a_run_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
@@ -152,8 +161,9 @@ def test_sampler_matches_torch_at_every_epoch(world: int, drop_last: bool) -> No
     for rank in range(world):
         plan = plan_for(rank, world)
         ours = plan.sampler(data, drop_last=drop_last)
-        theirs = DistributedSampler(data, num_replicas=world, rank=rank, seed=1234,
-                                    drop_last=drop_last)
+        theirs = DistributedSampler(
+            data, num_replicas=world, rank=rank, seed=1234, drop_last=drop_last
+        )
         for epoch in range(3):
             plan.set_epoch(epoch)
             theirs.set_epoch(epoch)
@@ -192,8 +202,13 @@ class SeedProbe:
 def test_worker_seeds_observed_inside_real_workers(context: str) -> None:
     plan = plan_for(1, 2, seed=500)
     for persistent in (False, True):
-        loader = plan.dataloader(SeedProbe(), batch_size=None, num_workers=3,
-                                 multiprocessing_context=context, persistent_workers=persistent)
+        loader = plan.dataloader(
+            SeedProbe(),
+            batch_size=None,
+            num_workers=3,
+            multiprocessing_context=context,
+            persistent_workers=persistent,
+        )
         for epoch in (0, 1):
             plan.set_epoch(epoch)
             seen = {int(w): int(s) for w, s in loader}
@@ -226,8 +241,13 @@ def test_user_loader_kwargs_that_would_break_seeding_are_refused() -> None:
 
 def test_plain_dataloader_building_blocks() -> None:
     plan = plan_for(0, 1, seed=11)
-    loader = DataLoader(range(8), sampler=plan.sampler(range(8)), generator=plan.generator(),
-                        worker_init_fn=plan.worker_init_fn, batch_size=2)
+    loader = DataLoader(
+        range(8),
+        sampler=plan.sampler(range(8)),
+        generator=plan.generator(),
+        worker_init_fn=plan.worker_init_fn,
+        batch_size=2,
+    )
     assert sorted(int(x) for b in loader for x in b) == list(range(8))
 
 

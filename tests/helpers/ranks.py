@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,8 +15,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 _DROP_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "TORCHELASTIC_", "DDPSEED_")
-_DROP = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-         "MASTER_PORT", "GROUP_WORLD_SIZE", "PYTHONHASHSEED"}
+_DROP = {
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_WORLD_SIZE",
+    "PYTHONHASHSEED",
+}
 
 
 def free_port() -> int:
@@ -25,8 +35,9 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in _DROP and not k.startswith(_DROP_PREFIXES)}
+    env = {
+        k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith(_DROP_PREFIXES)
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
@@ -43,10 +54,8 @@ class RankResult:
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def run_ranks(
@@ -68,13 +77,23 @@ def run_ranks(
     chosen = list(range(world_size)) if ranks is None else list(ranks)
     procs: list[tuple[int, subprocess.Popen[str], float]] = []
     for rank in chosen:
-        e = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **(env or {}))
+        e = clean_env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **(env or {}),
+        )
         e.update((per_rank_env or {}).get(rank, {}))
         proc = subprocess.Popen(
-            [sys.executable, str(script), *args], env=e, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            [sys.executable, str(script), *args],
+            env=e,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         procs.append((rank, proc, time.monotonic()))
     deadline = time.monotonic() + timeout
@@ -87,8 +106,7 @@ def run_ranks(
                 _kill_group(proc)
                 out, err = proc.communicate()
                 err += f"\n[test harness: rank {rank} killed after {timeout}s deadline]"
-            results.append(RankResult(rank, proc.returncode, out, err,
-                                      time.monotonic() - started))
+            results.append(RankResult(rank, proc.returncode, out, err, time.monotonic() - started))
     finally:
         for _, proc, _ in procs:
             _kill_group(proc)
@@ -105,10 +123,24 @@ def torchrun(
     cwd: str | Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``torchrun --standalone --nproc_per_node=nproc`` in its own session, bounded."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *extra, *module_args]
-    proc = subprocess.Popen(cmd, env=clean_env(**(env or {})), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra,
+        *module_args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=clean_env(**(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=cwd,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,0 +1,32 @@
+"""The code base stays ruff-clean and mypy-strict-clean (the public API is typed: py.typed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ruff_clean() -> None:
+    if shutil.which("ruff") is None:
+        pytest.fail("ruff is part of the test extras: pip install -e '.[test]'")
+    proc = subprocess.run(
+        ["ruff", "check", "ddpseed", "tests"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:]
+
+
+def test_mypy_strict_clean() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:]
+
+
+def test_package_ships_py_typed() -> None:
+    assert (REPO / "ddpseed" / "py.typed").exists()
