@@ -16,6 +16,7 @@ from .errors import (
 )
 from .plan import SeedPlan, setup, topology
 from .sampler import SeededDistributedSampler
+
 try:  # TEMP until scalable.py lands
     from .scalable import ScalableDistributedSampler
 except ImportError:  # pragma: no cover

@@ -89,9 +89,9 @@ class SeededDistributedSampler(ResumableSampler, DistributedSampler[int]):
     ) -> None:
         DistributedSampler.__init__(
             self,
-            dataset,
+            dataset,  # type: ignore[arg-type]  # torch only ever calls len() on it
             num_replicas=num_replicas,
-            rank=rank,  # type: ignore[arg-type]
+            rank=rank,
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
