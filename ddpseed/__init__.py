@@ -16,11 +16,7 @@ from .errors import (
 )
 from .plan import SeedPlan, setup, topology
 from .sampler import SeededDistributedSampler
-
-try:  # TEMP until scalable.py lands
-    from .scalable import ScalableDistributedSampler
-except ImportError:  # pragma: no cover
-    pass
+from .scalable import ScalableDistributedSampler
 from .state import load_state, save_state
 from .topology import Topology
 from .workers import WorkerInitFn
