@@ -7,9 +7,11 @@ authority), else by the maintained ``python-hostlist`` package.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import hostlist as _hostlist
 
@@ -20,8 +22,19 @@ log = logging.getLogger(__name__)
 _TASKS_ITEM = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 
 
+def _scontrol() -> str | None:
+    # Without a configuration scontrol goes hunting for one over DNS and then dies; only ask it
+    # where Slurm is actually set up.
+    if not (os.environ.get("SLURM_CONF") or Path("/etc/slurm/slurm.conf").exists()):
+        return None
+    return shutil.which("scontrol")
+
+
 def expand_hostlist(nodelist: str, *, use_scontrol: bool = True) -> list[str]:
     """Hostnames in a Slurm hostlist, in order.
+
+    python-hostlist validates the text first (``scontrol`` happily expands ``node[1-`` to
+    ``node]``); where Slurm is configured, its own expansion is then preferred.
 
     >>> expand_hostlist("node[01-02,07],gpu3", use_scontrol=False)
     ['node01', 'node02', 'node07', 'gpu3']
@@ -29,7 +42,11 @@ def expand_hostlist(nodelist: str, *, use_scontrol: bool = True) -> list[str]:
     text = nodelist.strip()
     if not text:
         raise TopologyError("empty Slurm hostlist; is SLURM_JOB_NODELIST set by Slurm?")
-    scontrol = shutil.which("scontrol") if use_scontrol else None
+    try:
+        parsed: list[str] = _hostlist.expand_hostlist(text, allow_duplicates=True)
+    except _hostlist.BadHostlist as exc:
+        raise TopologyError(f"cannot parse Slurm hostlist {nodelist!r}: {exc}") from None
+    scontrol = _scontrol() if use_scontrol else None
     if scontrol:
         try:
             out = subprocess.run(
@@ -42,12 +59,8 @@ def expand_hostlist(nodelist: str, *, use_scontrol: bool = True) -> list[str]:
             if out:
                 return out
         except (subprocess.SubprocessError, OSError) as exc:
-            log.debug("scontrol show hostnames %r failed (%s); parsing it ourselves", text, exc)
-    try:
-        hosts: list[str] = _hostlist.expand_hostlist(text)
-    except _hostlist.BadHostlist as exc:
-        raise TopologyError(f"cannot parse Slurm hostlist {nodelist!r}: {exc}") from None
-    return hosts
+            log.debug("scontrol show hostnames %r failed (%s); using python-hostlist", text, exc)
+    return parsed
 
 
 def parse_tasks_per_node(spec: str) -> list[int]:

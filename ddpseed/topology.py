@@ -150,8 +150,9 @@ class SlurmEnvironment(LauncherEnvironment):
         return "SLURM_JOB_ID" in self.env or "SLURM_JOBID" in self.env
 
     def in_step(self) -> bool:
-        # The batch script itself runs with SLURM_PROCID=0 and the allocation's SLURM_NTASKS,
-        # but it is one process: only srun-launched tasks carry a step id other than "batch".
+        # The batch script (and salloc's shell) sees SLURM_PROCID=0 and the allocation's
+        # SLURM_NTASKS but is one process; it has no SLURM_STEP_ID at all, srun tasks have a
+        # numeric one (checked against Slurm 22.05 in tests/test_slurm.py).
         step = self.env.get("SLURM_STEP_ID", self.env.get("SLURM_STEPID"))
         return step is not None and step not in ("batch", "4294967294")
 

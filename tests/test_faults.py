@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,21 @@ import torch
 from helpers.ranks import RankResult, free_port, run_ranks
 
 SCRIPT = Path(__file__).parent / "helpers" / "fault_rank.py"
-TIMEOUT = 8.0
-MARGIN = 40.0
+TIMEOUT = 20.0
+MARGIN = 30.0
+
+
+def stray_processes(token: str) -> list[int]:
+    """Pids whose command line carries this case's token (the rank processes it started)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if token.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
 
 
 def run(world: int, fault: str = "none", fault_rank: int = -1, **kw: object) -> list[RankResult]:
@@ -28,7 +42,16 @@ def run(world: int, fault: str = "none", fault_rank: int = -1, **kw: object) -> 
         "FAULT_TIMEOUT": str(TIMEOUT),
         **kw.pop("env", {}),
     }  # type: ignore[dict-item]
-    results = run_ranks(SCRIPT, world, timeout=TIMEOUT + MARGIN, env=env, **kw)  # type: ignore[arg-type]
+    token = f"ddpseed-fault-case-{uuid.uuid4().hex}"
+    results = run_ranks(
+        SCRIPT,
+        world,
+        timeout=TIMEOUT + MARGIN,
+        env=env,
+        args=[token],
+        **kw,  # type: ignore[arg-type]
+    )
+    assert stray_processes(token) == [], "a rank process outlived its case"
     for r in results:
         assert "test harness" not in r.stderr, f"rank {r.rank} hung:\n{r.stderr[-2000:]}"
         assert r.elapsed < TIMEOUT + MARGIN
@@ -65,7 +88,7 @@ def test_healthy_job_agrees() -> None:
 def test_rank_raises_before_setup() -> None:
     results = run(3, "raise", 1)
     assert "user code failed" in results[1].stderr and results[1].returncode == 1
-    assert_every_live_rank_failed(results, "CoordinationError", "within 8s", dead=(1,))
+    assert_every_live_rank_failed(results, "CoordinationError", "within 20s", dead=(1,))
 
 
 def test_rank_sigkilled_before_the_agreement() -> None:

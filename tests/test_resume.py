@@ -137,6 +137,26 @@ def test_failed_load_leaves_training_state_untouched(tmp_path: Path) -> None:
     assert other.epoch == 3
 
 
+def test_state_from_another_torch_version_is_refused(tmp_path: Path) -> None:
+    plan = make_plan()
+    state = plan.state_dict()
+    state["torch_version"] = "1.13.1"
+    with pytest.raises(ddpseed.StateError, match=r"saved with torch '1.13.1'"):
+        plan.load_state_dict(state)
+
+
+def test_slurm_requeue_finds_the_entropy_seed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DDPSEED_SEED", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued job keeps its id
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = ddpseed.setup()
+    again = ddpseed.setup()
+    assert (again.base_seed, again.seed_source) == (first.base_seed, "run record")
+    assert (tmp_path / "ddpseed" / "runs" / "slurm-4242" / "seed.json").exists()
+
+
 def test_changed_batch_size_is_refused(tmp_path: Path) -> None:
     plan = make_plan()
     loader = plan.dataloader(range(32), batch_size=4)

@@ -1,0 +1,132 @@
+"""``ddpseed bench``: the tables it prints, its flags, and its measuring processes."""
+
+from __future__ import annotations
+
+import argparse
+import doctest
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ddpseed.bench as bench
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    bench.register(sub)
+    return parser.parse_args(["bench", *argv])
+
+
+def test_docstrings_run() -> None:
+    result = doctest.testmod(bench)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_register_adds_the_subcommand() -> None:
+    args = parse("--quick", "--skip-setup", "--sizes", "1e3,2000", "--world-sizes", "2")
+    assert args.func is bench.run
+    assert args.quick and args.skip_setup
+    assert bench._options(args) == ([1000, 2000], [2], 1, 1000)
+    defaults = bench._options(parse())
+    assert defaults == ([10**6, 10**7, 10**8, 10**9], [2, 4, 8, 16, 32], 3, 10**8)
+
+
+@pytest.mark.parametrize("bad", [["--sizes", "0"], ["--sizes", "1.5"], ["--repeats", "0"]])
+def test_bad_flags_exit_2(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.run(parse("--skip-setup", *bad)) == 2
+    assert "ddpseed bench:" in capsys.readouterr().err
+
+
+def test_quick_run_prints_the_table_with_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Real measurements, each in a fresh interpreter: torch, Seeded and Scalable at N=1e4,
+    # Scalable alone at N=1e5.
+    report = tmp_path / "bench.json"
+    assert bench.run(parse("--quick", "--skip-setup", "--json", str(report))) == 0
+    text = capsys.readouterr().out
+    for name in bench.SAMPLERS.values():
+        assert re.search(rf"^\s+1e4\s+{name}\s", text, re.M), name
+    assert re.search(r"^\s+1e5\s+ddpseed ScalableDistributedSampler\s", text, re.M)
+    ratio = r"first index: [\d,]+x sooner; ns/index: [\d.]+x torch .*; RSS: [\d.]+x torch"
+    assert re.search(rf"SeededDistributedSampler vs torch: {ratio}", text)
+    assert re.search(rf"ScalableDistributedSampler vs torch: {ratio}", text)
+    assert "skipped at N=1e5" in text
+    assert "target: peak RSS < 64 MB at N=1e5" in text
+    data = json.loads(report.read_text())
+    rows = {(r["sampler"], r["n"]): r for r in data["samplers"]}
+    assert set(rows) == {
+        ("torch", 10**4),
+        ("seeded", 10**4),
+        ("scalable", 10**4),
+        ("scalable", 10**5),
+    }
+    assert all(r["count"] == r["n"] // 8 for r in rows.values())
+    assert all(r["first_s"] > 0 and r["ns_per_index"] > 0 for r in rows.values())
+    assert data["setup"] == []
+
+
+def fake_measurement(kind: str, n: int, repeats: int) -> dict[str, Any]:
+    slow = kind != "scalable"
+    return {
+        "sampler": kind,
+        "n": n,
+        "count": n // 8,
+        "repeats": repeats,
+        "first_s": n * 1e-7 if slow else 1e-4,
+        "ns_per_index": 800.0 if slow else 150.0,
+        "ns_per_index_after_first": 60.0 if slow else 140.0,
+        "rss_bytes": 48 * n if slow else 3 * 2**20,
+    }
+
+
+def test_layout_and_targets(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    calls: list[tuple[str, int, int]] = []
+
+    def measure(kind: str, n: int, repeats: int) -> dict[str, Any]:
+        calls.append((kind, n, repeats))
+        return fake_measurement(kind, n, repeats)
+
+    monkeypatch.setattr(bench, "measure_sampler", measure)
+    assert bench.run(parse("--skip-setup", "--json")) == 0
+    text = capsys.readouterr().out
+    # N >= 1e8 runs once; above 1e8 torch's samplers are skipped.
+    assert ("torch", 10**8, 1) in calls and ("torch", 10**7, 3) in calls
+    assert [c for c in calls if c[1] == 10**9] == [("scalable", 10**9, 1)]
+    assert "first index: 1,000x sooner; ns/index: 0.19x torch (after first: 2.33x)" in text
+    assert "target: first index >= 1000x sooner than torch at N=1e8: 1,000x OK" in text
+    assert "target: ns/index over the shard <= torch's at N=1e8: 0.19x OK" in text
+    assert "target: peak RSS < 64 MB at N=1e9: 3.0 MB OK" in text
+    assert "does not fit in this machine's" in text  # 48 GB at N=1e9
+    assert json.loads(text[text.index("{") :])["replicas"] == 8
+
+
+def test_sampler_child_measures_one_pass() -> None:
+    result = bench.sampler_child("scalable", 4000)
+    assert result["count"] == 500 and result["total_s"] >= result["first_s"] > 0
+    assert result["rss_bytes"] >= 0
+
+
+def test_free_port_is_bindable() -> None:
+    import socket
+
+    port = bench.free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_setup_section_on_two_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    import ddpseed
+
+    if not hasattr(ddpseed, "setup"):
+        pytest.skip("ddpseed.setup is not available yet")
+    results = bench.setup_section([2], repeats=1)
+    text = capsys.readouterr().out
+    assert results[0]["world"] == 2 and results[0]["repeats"] == 1
+    assert results[0]["broadcast_s"] > 0 and results[0]["setup_s"] > 0
+    assert re.search(r"^\s+2\s+\S+ m?s", text, re.M), text
+    assert "setup/bcast" in text
