@@ -174,6 +174,21 @@ def _absent_ranks(store: Any, key: str, world_size: int) -> list[int] | None:
         return None
 
 
+def _gather(row: torch.Tensor, world_size: int, timeout: float) -> torch.Tensor:
+    """All ranks' ``row``, stacked on the CPU; bounded by ``timeout`` whatever the group's own."""
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    mine = row.to(device)
+    rows = [torch.empty_like(mine) for _ in range(world_size)]
+    work = dist.all_gather(rows, mine, async_op=True)
+    assert work is not None
+    work.wait(timeout=timedelta(seconds=timeout))
+    return torch.stack([r.cpu() for r in rows])
+
+
 def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
     """Gather every rank's proposal and return the common verdict (raises on every rank)."""
     if not topo.is_distributed:
@@ -187,18 +202,8 @@ def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
             store.set(f"{key}/{topo.rank}", "1")
         except Exception as exc:
             log.debug("could not mark arrival in the store: %s", exc)
-    backend = dist.get_backend()
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if backend == "nccl"
-        else torch.device("cpu")
-    )
-    mine = _encode(proposal, topo.world_size).to(device)
-    rows = [torch.empty_like(mine) for _ in range(topo.world_size)]
     try:
-        work = dist.all_gather(rows, mine, async_op=True)
-        assert work is not None
-        work.wait(timeout=timedelta(seconds=timeout))
+        rows = _gather(_encode(proposal, topo.world_size), topo.world_size, timeout)
     except Exception as exc:
         absent = _absent_ranks(store, key, topo.world_size)
         who = (
@@ -213,7 +218,7 @@ def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
             f"killed before ddpseed.setup stops the whole job. ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})" + loopback_hint(topo)
         ) from exc
-    return decide(torch.stack([r.cpu() for r in rows]), topo.world_size)
+    return decide(rows, topo.world_size)
 
 
 def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -> list[str]:
@@ -223,26 +228,14 @@ def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -
     """
     if not topo.is_distributed or not dist.is_initialized():
         return [f"rank {topo.rank}: {error}"] if error else []
-    backend = dist.get_backend()
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if backend == "nccl"
-        else torch.device("cpu")
-    )
-    mine = _encode(Proposal(error=error), topo.world_size).to(device)
-    rows = [torch.empty_like(mine) for _ in range(topo.world_size)]
     try:
-        work = dist.all_gather(rows, mine, async_op=True)
-        assert work is not None
-        work.wait(timeout=timedelta(seconds=timeout))
+        rows = _gather(_encode(Proposal(error=error), topo.world_size), topo.world_size, timeout)
     except Exception as exc:
         raise CoordinationError(
             f"rank {topo.rank}: ranks did not all report on {what} within {timeout:g}s "
             f"({type(exc).__name__}); look for the first error in the other ranks' logs"
         ) from exc
-    return [
-        f"rank {r}: {_decode_text(row.cpu())}" for r, row in enumerate(rows) if int(row[1]) == 2
-    ]
+    return [f"rank {r}: {_decode_text(row)}" for r, row in enumerate(rows) if int(row[1]) == 2]
 
 
 def ensure_process_group(topo: Topology, backend: str | None, timeout: float) -> bool:

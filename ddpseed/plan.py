@@ -9,19 +9,17 @@ import secrets
 import socket
 import time
 import weakref
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from . import coordinator
 from .coordinator import Proposal, Source
 from .derivation import Scheme, process_seed, validate_seed, worker_seed
-from .errors import CoordinationError, DDPSeedError, StateError
+from .errors import DDPSeedError, StateError
 from .files import atomic_write_json
 from .loader import TrackedDataLoader
 from .rundir import MANIFEST_FILE, read_seed_record, resolve_run_dir, write_seed_record
@@ -411,23 +409,12 @@ def _persist(plan: SeedPlan, run_dir: Path | None, explicit_dir: bool, timeout: 
                 atomic_write_json(run_dir / MANIFEST_FILE, plan.manifest(), what="manifest")
         except StateError as exc:
             error = str(exc)
-    if plan.world_size > 1:
-        flag = torch.tensor([1 if error else 0], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        work = dist.broadcast(flag, src=0, async_op=True)
-        assert work is not None
-        try:
-            work.wait(timeout=timedelta(seconds=timeout))
-        except Exception as exc:
-            raise CoordinationError(
-                f"rank {plan.rank}: rank 0 did not report its run record within {timeout:g}s "
-                f"({type(exc).__name__}); look for rank 0's error"
-            ) from exc
-        if int(flag.item()) and plan.rank != 0:
-            error = f"rank 0 could not write the run record in {run_dir}; see rank 0's error"
-    if error:
-        raise StateError(f"rank {plan.rank}: {error}")
+    failures = coordinator.share_errors(error or None, plan.topology, timeout, "the run record")
+    if failures:
+        raise StateError(
+            f"rank 0 could not write the run record in {run_dir}; no rank continues:\n"
+            + "\n".join(f"  {line}" for line in failures)
+        )
 
 
 def setup(
