@@ -297,14 +297,18 @@ def total_ram_bytes() -> int:
         return 0
 
 
-def skip_reason(n: int) -> str:
+def skip_reason(n: int, torch_max: int) -> str:
     """Why torch's samplers are not run at ``n`` (they materialise the whole permutation)."""
-    ram = total_ram_bytes()
+    ram, need = total_ram_bytes(), 48 * n  # int64 tensor + list of N ints (8 B + 32 B each)
+    why = (
+        f"that does not fit in this machine's {fmt_bytes(ram)} of RAM"
+        if need > ram
+        else f"skipped only because N > --torch-max-n={fmt_n(torch_max)}"
+    )
     return (
         f"{'':8}torch and SeededDistributedSampler skipped at N={fmt_n(n)}: torch's __iter__ "
-        f"builds randperm(N) ({fmt_bytes(8 * n)} of int64) and then a Python list of all N "
-        f"ints (~{fmt_bytes(36 * n)}) before slicing out rank 0's {n // REPLICAS:,}; "
-        f"that does not fit in this machine's {fmt_bytes(ram)} of RAM"
+        f"builds randperm(N) ({fmt_bytes(8 * n)} of int64), then a Python list of all N ints "
+        f"(~{fmt_bytes(40 * n)} more), before slicing out rank 0's {n // REPLICAS:,}; {why}"
     )
 
 
@@ -330,7 +334,7 @@ def sampler_section(sizes: list[int], repeats: int, torch_max: int) -> list[Resu
             out(compare(rows["seeded"], rows["torch"]))
             out(compare(rows["scalable"], rows["torch"]))
         else:
-            out(skip_reason(n))
+            out(skip_reason(n, torch_max))
     return results
 
 

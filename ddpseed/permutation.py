@@ -34,7 +34,7 @@ from numpy.random import SeedSequence  # numpy imports np.random lazily; pay tha
 U64 = npt.NDArray[np.uint64]
 
 DEFAULT_ROUNDS = 8
-MAX_N = 2**64
+MAX_N = 2**63
 # Domain separation: these round keys never equal other SeedSequence draws of the same seed.
 _KEY_TAG = 0x46454953  # "FEIS"
 _M1_INT = 0xFF51AFD7ED558CCD  # murmur3 fmix64 multipliers
@@ -102,7 +102,7 @@ class FeistelPermutation:
     def __init__(self, n: int, key: int, rounds: int = DEFAULT_ROUNDS) -> None:
         n, key, rounds = operator.index(n), operator.index(key), operator.index(rounds)
         if not 1 <= n <= MAX_N:
-            raise ValueError(f"n={n}: a permutation needs 1 <= n <= 2**64")
+            raise ValueError(f"n={n}: a permutation needs 1 <= n <= 2**63")
         if key < 0:
             raise ValueError(f"key={key} must be >= 0")
         if rounds < 1:
@@ -161,6 +161,8 @@ class FeistelPermutation:
             raise IndexError(f"positions must be in [0, {self.n}); got {int(x.max())}")
         if self.n == 1:
             return x
+        if x.size <= _SCALAR_TAIL:
+            return np.array([self._walk_int(v) for v in x.tolist()], dtype=np.uint64)
         out = self._encrypt(x)  # x is our own copy
         pending = np.flatnonzero(out >= np.uint64(self.n))
         # Cycle walking: re-encrypt only what landed outside [0, n), the last few in Python.
