@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+SUMMARY = "Measure ddpseed's samplers and ddpseed.setup against bare torch."
 REPLICAS = 8
 DEFAULT_SIZES = "1e6,1e7,1e8,1e9"
 DEFAULT_WORLDS = "2,4,8,16,32"
@@ -43,6 +44,22 @@ SAMPLERS = {
     "scalable": "ddpseed ScalableDistributedSampler",
 }
 CHILD_TIMEOUT = 600.0
+# Measuring processes must not believe they were launched by torchrun/Slurm/MPI, nor read seeds.
+_DROPPED_PREFIXES = ("DDPSEED_", "TORCHELASTIC_", "SLURM_", "PMI_", "OMPI_")
+_LAUNCH_VARS = frozenset(
+    [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ]
+)
 SETUP_SEED = 1234
 Result = dict[str, Any]
 
@@ -52,7 +69,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="measure ddpseed's samplers and setup against torch",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=SUMMARY,
     )
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -114,18 +131,11 @@ def out(text: str = "") -> None:
 
 def _child_env(**extra: str) -> dict[str, str]:
     """This environment without launcher/ddpseed variables, with ddpseed importable."""
-    drop = ("DDPSEED_", "TORCHELASTIC_", "SLURM_", "PMI_", "OMPI_")
-    launch = {
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "GROUP_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_DROPPED_PREFIXES) and k not in _LAUNCH_VARS
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in launch}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.update(extra)
@@ -155,6 +165,48 @@ def max_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak RSS (VmHWM) of this process to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakRSS:
+    """Peak RSS growth from :meth:`start` on.
+
+    ``ru_maxrss`` alone misleads here: on Linux a spawned child's ``ru_maxrss`` starts at its
+    parent's RSS at spawn time (the mm that exec replaced), and an import-time peak hides any
+    later growth below it. Where ``/proc/self/clear_refs`` exists the kernel's peak (VmHWM) is
+    reset to the current RSS at :meth:`start`; elsewhere ``ru_maxrss`` minus its value at
+    :meth:`start` is used.
+    """
+
+    def start(self) -> None:
+        rss = _proc_status_kib("VmRSS") if _reset_peak() else None
+        self.method = "ru_maxrss" if rss is None else "VmHWM"
+        self.baseline = max_rss_bytes() if rss is None else rss * 1024
+
+    def growth(self) -> int:
+        hwm = _proc_status_kib("VmHWM") if self.method == "VmHWM" else None
+        peak = hwm * 1024 if hwm is not None else max_rss_bytes()
+        return max(0, peak - self.baseline)
+
+
 def _make_sampler(kind: str, n: int) -> Any:
     if kind == "torch":
         from torch.utils.data import DistributedSampler
@@ -179,7 +231,8 @@ def sampler_child(kind: str, n: int) -> Result:
     from . import sampler, scalable  # noqa: F401
 
     gc.collect()
-    baseline = max_rss_bytes()
+    rss = PeakRSS()
+    rss.start()
     start = time.perf_counter()
     it = iter(_make_sampler(kind, n))
     next(it)
@@ -194,8 +247,9 @@ def sampler_child(kind: str, n: int) -> Result:
         "count": count,
         "first_s": first,
         "total_s": total,
-        "rss_bytes": max_rss_bytes() - baseline,
-        "baseline_rss_bytes": baseline,
+        "rss_bytes": rss.growth(),
+        "baseline_rss_bytes": rss.baseline,
+        "rss_method": rss.method,
     }
 
 
@@ -248,13 +302,15 @@ def fmt_time(seconds: float) -> str:
 
 
 def fmt_bytes(size: float) -> str:
-    """Bytes for humans (MB = 2**20 bytes).
+    """Bytes for humans (kB = 2**10 bytes, MB = 2**20, GB = 2**30).
 
-    >>> fmt_bytes(3 * 2**20), fmt_bytes(5.5 * 2**30)
-    ('3.0 MB', '5.50 GB')
+    >>> fmt_bytes(3 * 2**20), fmt_bytes(5.5 * 2**30), fmt_bytes(0)
+    ('3.0 MB', '5.50 GB', '0 kB')
     """
     if size >= 2**30:
         return f"{size / 2**30:.2f} GB"
+    if size < 2**20:
+        return f"{size / 2**10:.0f} kB"
     return f"{size / 2**20:.1f} MB"
 
 
@@ -316,7 +372,8 @@ def sampler_section(sizes: list[int], repeats: int, torch_max: int) -> list[Resu
     out(f"== Samplers: rank 0 of {REPLICAS}, shuffle=True, one full pass over the shard ==")
     out("   first index: from constructing the sampler to the first index it yields")
     out("   ns/index: (time to exhaust the shard) / (shard length); after first: the rest only")
-    out("   RSS: peak RSS above the baseline of a fresh interpreter after its imports")
+    out("   RSS: peak RSS growth of a fresh interpreter after its imports (Linux: VmHWM, reset")
+    out("        via /proc/self/clear_refs: a spawned child's ru_maxrss starts at its parent's)")
     out(
         f"{'N':>6}  {'sampler':<35}{'first index':>10}{'ns/index':>12}{'after first':>13}"
         f"{'peak RSS':>12}{'runs':>6}"
@@ -466,10 +523,9 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float, tmp: str) ->
 def setup_section(worlds: list[int], repeats: int) -> list[Result]:
     out()
     out("== ddpseed.setup(seed=...) on an existing gloo group vs torch's broadcast of one int64 ==")
-    out(
-        f"   local ranks on {os.cpu_count()} CPUs; each time is the slowest rank's; median of "
-        f"{repeats} warm calls (the first setup call, cold, shown apart)"
-    )
+    out(f"   {os.cpu_count()} CPUs; each time is the slowest rank's (MAX all-reduced); setup and")
+    out(f"   broadcast: median of {repeats} warm calls; first setup: the first (cold) call; bare")
+    out("   init: init_process_group, including the wait for the last rank to start up")
     out(
         f"{'world':>6}{'bare init':>12}{'broadcast':>12}{'setup':>12}{'setup/bcast':>13}"
         f"{'first setup':>13}"
@@ -500,7 +556,7 @@ def _options(args: argparse.Namespace) -> tuple[list[int], list[int], int, int]:
         for w in (args.world_sizes or (QUICK_WORLDS if quick else DEFAULT_WORLDS)).split(",")
         if w.strip()
     ]
-    repeats = args.repeats or (1 if quick else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
     default_max = min(sizes) if quick else TORCH_MAX_N
     torch_max = parse_sizes(args.torch_max_n)[0] if args.torch_max_n else default_max
     if repeats < 1 or any(w < 1 for w in worlds):
@@ -542,7 +598,7 @@ def _write_json(report: Result, where: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddpseed bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ddpseed bench", description=SUMMARY)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

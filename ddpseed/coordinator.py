@@ -8,6 +8,7 @@ fails *with* its peers instead of leaving them blocked in a collective until a w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -165,28 +166,46 @@ def _default_store() -> Any:
         return None
 
 
-def _absent_ranks(store: Any, key: str, world_size: int) -> list[int] | None:
-    if store is None or world_size > 4096:
+def _absent_ranks(key: str, topo: Topology, timeout: float) -> list[int] | None:
+    """After a failed agreement: the ranks that never reached it, or None if unknown.
+
+    Only the failure path touches the store, so a healthy setup costs no extra round trip:
+    each live rank marks itself, then waits a short grace for the others' marks.
+    """
+    store = _default_store()
+    if store is None or topo.world_size > 4096:
         return None
+    keys = [f"{key}/{r}" for r in range(topo.world_size)]
     try:
-        return [r for r in range(world_size) if not store.check([f"{key}/{r}"])]
+        store.set(keys[topo.rank], "1")
+        with contextlib.suppress(Exception):  # timing out here is the expected outcome
+            store.wait(keys, timedelta(seconds=min(5.0, max(1.0, timeout / 4))))
+        return [r for r, k in enumerate(keys) if not store.check([k])]
     except Exception:  # the store lives on rank 0's host; it may be the thing that died
         return None
 
 
 def _gather(row: torch.Tensor, world_size: int, timeout: float) -> torch.Tensor:
-    """All ranks' ``row``, stacked on the CPU; bounded by ``timeout`` whatever the group's own."""
+    """All ranks' ``row``, stacked on the CPU; bounded by ``timeout`` whatever the group's own.
+
+    A gather to rank 0 then a broadcast of the table: two collective rounds, where gloo's
+    all_gather is a ring of ``world_size - 1`` sequential hops.
+    """
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if dist.get_backend() == "nccl"
         else torch.device("cpu")
     )
-    mine = row.to(device)
-    rows = [torch.empty_like(mine) for _ in range(world_size)]
-    work = dist.all_gather(rows, mine, async_op=True)
+    table = torch.empty((world_size, row.numel()), dtype=row.dtype, device=device)
+    slots = [table[r] for r in range(world_size)] if dist.get_rank() == 0 else None
+    _wait(dist.gather(row.to(device), slots, dst=0, async_op=True), timeout)
+    _wait(dist.broadcast(table, src=0, async_op=True), timeout)
+    return table.cpu()
+
+
+def _wait(work: Any, timeout: float) -> None:
     assert work is not None
     work.wait(timeout=timedelta(seconds=timeout))
-    return torch.stack([r.cpu() for r in rows])
 
 
 def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
@@ -196,18 +215,12 @@ def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
     global _generation
     _generation += 1
     key = f"ddpseed/agree/{_generation}"
-    store = _default_store()
-    if store is not None:
-        try:
-            store.set(f"{key}/{topo.rank}", "1")
-        except Exception as exc:
-            log.debug("could not mark arrival in the store: %s", exc)
     try:
         rows = _gather(_encode(proposal, topo.world_size), topo.world_size, timeout)
     except Exception as exc:
-        absent = _absent_ranks(store, key, topo.world_size)
+        absent = _absent_ranks(key, topo, timeout)
         who = (
-            f"ranks {ranks_text(absent)} never reached it"
+            f"rank{'s' if len(absent) > 1 else ''} {ranks_text(absent)} never reached it"
             if absent
             else "a peer failed or disconnected during it"
         )

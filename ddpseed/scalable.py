@@ -29,12 +29,12 @@ from torch.utils.data import Sampler
 
 from .derivation import validate_seed
 from .errors import DDPSeedError
-from .permutation import DEFAULT_ROUNDS, FeistelPermutation
+from .permutation import DEFAULT_ROUNDS, MAX_N, FeistelPermutation
 from .sampler import ResumableSampler
 
 # Chunks grow from _FIRST_CHUNK to _CHUNK positions: a quick first index, then a steady rate.
 _FIRST_CHUNK = 256
-_CHUNK = 65536
+_CHUNK = 32768
 
 
 def _world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -102,6 +102,8 @@ class ScalableDistributedSampler(ResumableSampler, Sampler[int]):
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.num_items = len(dataset)
+        if self.num_items > MAX_N:
+            raise ValueError(f"len(dataset)={self.num_items} is above the supported 2**63")
         self.num_samples, self.total_size = shard_sizes(
             self.num_items, self.num_replicas, self.drop_last
         )

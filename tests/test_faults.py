@@ -106,6 +106,13 @@ def test_rank_sigkilled_during_the_agreement() -> None:
             assert r.returncode in (0, 3), r.stderr[-2000:]
 
 
+def test_rank_that_joined_but_never_calls_setup_is_named() -> None:
+    results = run(3, "stall", 2)
+    assert_every_live_rank_failed(
+        results, "CoordinationError", "seed agreement", "rank 2 never reached it", dead=(2,)
+    )
+
+
 def test_rank_zero_never_arrives() -> None:
     results = run(3, ranks=[1, 2])
     assert_every_live_rank_failed(results, "could not reach rank 0", "MASTER_ADDR/MASTER_PORT")

@@ -32,14 +32,18 @@ try:
     if me and fault == "kill-before":
         coordinator.ensure_process_group(detect(), None, timeout)  # joined, then dies
         die()
+    if me and fault == "stall":  # joined the group, then stuck elsewhere: never calls setup
+        coordinator.ensure_process_group(detect(), None, timeout)
+        dist.barrier()
+        sys.exit(0)
     if me and fault == "kill-during":
-        real = dist.all_gather
+        real = dist.gather
 
         def gather_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
             real(*args, **kwargs)  # the collective is under way when this rank dies
             die()
 
-        dist.all_gather = gather_then_die
+        dist.gather = gather_then_die
     plan = ddpseed.setup(timeout=timeout, run_dir=os.environ.get("FAULT_RUN_DIR"))
     if state and fault == "save":
         ddpseed.save_state(state, plan)
