@@ -18,6 +18,7 @@ from datetime import timedelta
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore  # type: ignore[attr-defined]
@@ -73,23 +74,23 @@ class Agreement:
 
 
 def _encode(p: Proposal, world_size: int) -> torch.Tensor:
-    row = torch.zeros(_WIDTH, dtype=torch.int64)
-    row[0] = _MAGIC
-    row[1] = 2 if p.error else (1 if p.seed is not None else 0)
-    row[2] = int(p.source)
-    row[3] = p.seed if p.seed is not None else -1
-    row[4] = p.fallback if p.fallback is not None else -1
-    row[5] = int(p.fallback_source)
-    row[6] = world_size
     text = (p.error or "").encode()[:_TEXT_BYTES]
-    row[7] = len(text)
-    padded = text.ljust(_TEXT_BYTES, b"\0")
-    row[_HEADER:] = torch.frombuffer(bytearray(padded), dtype=torch.int64)
-    return row
+    header = [
+        _MAGIC,
+        2 if p.error else (1 if p.seed is not None else 0),
+        int(p.source),
+        p.seed if p.seed is not None else -1,
+        p.fallback if p.fallback is not None else -1,
+        int(p.fallback_source),
+        world_size,
+        len(text),
+    ]
+    packed = np.frombuffer(text.ljust(_TEXT_BYTES, b"\0"), dtype=np.int64)
+    return torch.from_numpy(np.concatenate([np.array(header, dtype=np.int64), packed]))
 
 
-def _decode_text(row: torch.Tensor) -> str:
-    raw = row[_HEADER:].contiguous().numpy().tobytes()
+def _decode_text(row: Sequence[int]) -> str:
+    raw = np.array(row[_HEADER:], dtype=np.int64).tobytes()
     return raw[: int(row[7])].decode(errors="replace")
 
 
@@ -107,22 +108,23 @@ def ranks_text(ranks: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def decide(rows: torch.Tensor, world_size: int) -> Agreement:
+def decide(table: torch.Tensor, world_size: int) -> Agreement:
     """The verdict every rank reaches from the gathered records (pure; raises on conflict)."""
-    if not bool((rows[:, 0] == _MAGIC).all()):
-        odd = [r for r in range(rows.shape[0]) if int(rows[r, 0]) != _MAGIC]
+    rows: list[list[int]] = table.tolist()  # one conversion; per-element tensor access is slow
+    odd = [r for r, row in enumerate(rows) if row[0] != _MAGIC]
+    if odd:
         raise CoordinationError(
             f"ranks {ranks_text(odd)} sent something other than a ddpseed seed record: another "
             "collective is running concurrently on the default group; call ddpseed.setup at "
             "the same point of the script on every rank"
         )
-    sizes = {int(v) for v in rows[:, 6]}
+    sizes = {row[6] for row in rows}
     if sizes != {world_size}:
         raise TopologyError(
             f"ranks disagree on the world size ({sorted(sizes)}); every rank must come from "
             "the same launch"
         )
-    errors = [(r, _decode_text(rows[r])) for r in range(world_size) if int(rows[r, 1]) == 2]
+    errors = [(r, _decode_text(row)) for r, row in enumerate(rows) if row[1] == 2]
     if errors:
         lines = "\n".join(f"  rank {r}: {msg}" for r, msg in errors)
         raise SeedValueError(
@@ -130,9 +132,9 @@ def decide(rows: torch.Tensor, world_size: int) -> Agreement:
         )
     explicit: dict[tuple[int, Source], list[int]] = {}
     missing: list[int] = []
-    for r in range(world_size):
-        if int(rows[r, 1]) == 1:
-            explicit.setdefault((int(rows[r, 3]), Source(int(rows[r, 2]))), []).append(r)
+    for r, row in enumerate(rows):
+        if row[1] == 1:
+            explicit.setdefault((row[3], Source(row[2])), []).append(r)
         else:
             missing.append(r)
     if explicit and (missing or len({seed for seed, _ in explicit}) > 1):
@@ -151,10 +153,10 @@ def decide(rows: torch.Tensor, world_size: int) -> Agreement:
     if explicit:
         (seed, src), _ = next(iter(explicit.items()))
         return Agreement(seed, src)
-    fallback = int(rows[0, 4])
+    fallback = rows[0][4]
     if fallback < 0:
         raise CoordinationError("rank 0 sent no seed; this is a ddpseed bug, please report it")
-    return Agreement(fallback, Source(int(rows[0, 5])))
+    return Agreement(fallback, Source(rows[0][5]))
 
 
 def _default_store() -> Any:
