@@ -50,6 +50,11 @@ try:
     if state and fault == "load":
         ddpseed.load_state(state, plan)
     print(f"OK {plan.base_seed}", flush=True)
+    if dist.is_initialized():
+        # Exiting with a live gloo group can abort in torch's teardown (SIGABRT, "terminate
+        # called without an active exception"); that race is torch's, not what we test.
+        dist.destroy_process_group()
 except ddpseed.DDPSeedError as exc:
     print(f"DDPSEED_ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    sys.exit(3)
+    sys.stdout.flush()
+    os._exit(3)  # skip the same teardown race; peers may be gone
