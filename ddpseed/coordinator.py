@@ -171,18 +171,31 @@ def _default_store() -> Any:
 def _absent_ranks(key: str, topo: Topology, timeout: float) -> list[int] | None:
     """After a failed agreement: the ranks that never reached it, or None if unknown.
 
-    Only the failure path touches the store, so a healthy setup costs no extra round trip:
-    each live rank marks itself, then waits a short grace for the others' marks.
+    Only the failure path touches the store, so a healthy setup costs no extra round trip.
+    Rank 0 (which hosts the store) waits a short grace for the live ranks' marks, publishes
+    one verdict, and stays until they have read it, so every rank names the same ranks.
     """
     store = _default_store()
     if store is None or topo.world_size > 4096:
         return None
-    keys = [f"{key}/{r}" for r in range(topo.world_size)]
+    grace = timedelta(seconds=min(5.0, max(1.0, timeout / 4)))
+    marks = [f"{key}/{r}" for r in range(topo.world_size)]
+    verdict = f"{key}/verdict"
     try:
-        store.set(keys[topo.rank], "1")
-        with contextlib.suppress(Exception):  # timing out here is the expected outcome
-            store.wait(keys, timedelta(seconds=min(5.0, max(1.0, timeout / 4))))
-        return [r for r, k in enumerate(keys) if not store.check([k])]
+        store.set(marks[topo.rank], "1")
+        if topo.rank == 0:
+            with contextlib.suppress(Exception):  # timing out here is the expected outcome
+                store.wait(marks, grace)
+            absent = [r for r, k in enumerate(marks) if not store.check([k])]
+            store.set(verdict, ",".join(map(str, absent)))
+            acks = [f"{key}/ack/{r}" for r in range(1, topo.world_size) if r not in absent]
+            with contextlib.suppress(Exception):
+                store.wait(acks, grace)
+            return absent
+        store.wait([verdict], grace * 3)
+        text = store.get(verdict).decode()
+        store.set(f"{key}/ack/{topo.rank}", "1")
+        return [int(r) for r in text.split(",") if r]
     except Exception:  # the store lives on rank 0's host; it may be the thing that died
         return None
 
