@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.ranks import RankResult, free_port, run_ranks
+from helpers.ranks import RankResult, run_ranks
 
 SCRIPT = Path(__file__).parent / "helpers" / "fault_rank.py"
 TIMEOUT = 20.0
@@ -119,7 +120,12 @@ def test_rank_zero_never_arrives() -> None:
 
 
 def test_one_rank_uses_another_master_port() -> None:
-    results = run(2, per_rank_env={1: {"MASTER_PORT": str(free_port())}})
+    # Hold the wrong port bound but not listening for the whole case: connections to it are
+    # refused, and no parallel test can start a store there meanwhile.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        wrong = str(held.getsockname()[1])
+        results = run(2, per_rank_env={1: {"MASTER_PORT": wrong}})
     errs = assert_every_live_rank_failed(
         results, "CoordinationError", "same MASTER_ADDR/MASTER_PORT"
     )
