@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -302,9 +303,13 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
     kwargs = {}
     if chosen == "nccl":
         kwargs["device_id"] = torch.device("cuda", topo.local_rank)
+    deadline = time.monotonic() + timeout
     try:
+        if topo.rank != 0:
+            _wait_for_listener(topo.master_addr, topo.master_port, deadline)
+        remaining = max(1.0, deadline - time.monotonic())
         store, _, _ = next(
-            rendezvous(url, topo.rank, topo.world_size, timeout=timedelta(seconds=timeout))
+            rendezvous(url, topo.rank, topo.world_size, timeout=timedelta(seconds=remaining))
         )
         dist.init_process_group(
             backend=chosen,
@@ -324,6 +329,23 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
             "rank 0 is running, and that the port is free and reachable." + hint
         ) from exc
     return True
+
+
+def _wait_for_listener(addr: str, port: int, deadline: float) -> None:
+    """Return once something accepts connections at addr:port; raise at the deadline.
+
+    torch's store client can take several times its timeout to give up on a port where nobody
+    listens (seen under CPU load); probing first keeps the whole rendezvous inside the deadline.
+    """
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"nothing accepted connections at {addr}:{port}")
+        try:
+            socket.create_connection((addr, port), timeout=min(1.0, left)).close()
+            return
+        except OSError:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))  # retry interval
 
 
 def _bracket(addr: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -26,6 +27,7 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+started = time.monotonic()  # after imports: what follows is ddpseed's time, not Python's
 try:
     if me and fault == "raise":
         raise RuntimeError("user code failed before ddpseed.setup")
@@ -55,6 +57,7 @@ try:
         # called without an active exception"); that race is torch's, not what we test.
         dist.destroy_process_group()
 except ddpseed.DDPSeedError as exc:
+    print(f"ELAPSED {time.monotonic() - started:.2f}", file=sys.stderr)
     print(f"DDPSEED_ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(3)  # skip the same teardown race; peers may be gone
