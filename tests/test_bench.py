@@ -52,7 +52,10 @@ def test_quick_run_prints_the_table_with_ratios(
     for name in bench.SAMPLERS.values():
         assert re.search(rf"^\s+1e4\s+{name}\s", text, re.M), name
     assert re.search(r"^\s+1e5\s+ddpseed ScalableDistributedSampler\s", text, re.M)
-    ratio = r"first index: [\d,]+x sooner; ns/index: [\d.]+x torch .*; RSS: [\d.]+x torch"
+    ratio = (
+        r"first index: [\d,]+x sooner \([\d.]+x the time\); ns/index: [\d.]+x torch .*; "
+        r"RSS: [\d.]+x torch"
+    )
     assert re.search(rf"SeededDistributedSampler vs torch: {ratio}", text)
     assert re.search(rf"ScalableDistributedSampler vs torch: {ratio}", text)
     assert "skipped at N=1e5" in text
@@ -85,25 +88,50 @@ def fake_measurement(kind: str, n: int, repeats: int) -> dict[str, Any]:
 
 
 def test_layout_and_targets(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    calls: list[tuple[str, int, int]] = []
+    calls: list[tuple[str, int]] = []
 
-    def measure(kind: str, n: int, repeats: int) -> dict[str, Any]:
-        calls.append((kind, n, repeats))
-        return fake_measurement(kind, n, repeats)
+    def run_child(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+        kind, n = cmd[-2], int(cmd[-1])
+        calls.append((kind, n))
+        fake = fake_measurement(kind, n, 1)
+        first = fake["first_s"]
+        return {**fake, "total_s": first + fake["ns_per_index_after_first"] * 1e-9 * (n // 8 - 1)}
 
-    monkeypatch.setattr(bench, "measure_sampler", measure)
+    monkeypatch.setattr(bench, "_run_child", run_child)
     assert bench.run(parse("--skip-setup", "--json")) == 0
     text = capsys.readouterr().out
-    # N >= 1e8 runs once; above 1e8 torch's samplers are skipped.
-    assert ("torch", 10**8, 1) in calls and ("torch", 10**7, 3) in calls
-    assert [c for c in calls if c[1] == 10**9] == [("scalable", 10**9, 1)]
-    # at N=1e6 torch's fake first index is 0.1 s
-    assert "first index: 1,000x sooner; ns/index: 0.19x torch (after first: 2.33x)" in text
+    # Every size gets --repeats (3) runs per sampler, interleaved, each round rotated by one;
+    # above 1e8 torch's samplers are skipped.
+    at_1e7 = [kind for kind, n in calls if n == 10**7]
+    t, s, x = "torch", "seeded", "scalable"
+    assert at_1e7 == [t, s, x, s, x, t, x, t, s]
+    assert [c for c in calls if c[1] == 10**9] == [("scalable", 10**9)] * 3
     assert "target: first index >= 1000x sooner than torch at N=1e8: 100,000x OK" in text
-    assert "target: ns/index over the shard <= torch's at N=1e8: 0.19x OK" in text
+    assert "target: ns/index over the shard <= torch's at N=1e8: 0." in text
     assert "target: peak RSS < 64 MB at N=1e9: 3.0 MB OK" in text
+    # the fake seeded sampler is torch's twin, so every figure is 1.000x
+    assert (
+        "target: SeededDistributedSampler within 5% of torch at N=1e6: first index 1.000x, "
+        "ns/index 1.000x, RSS 1.000x OK" in text
+    )
     assert "does not fit in this machine's" in text  # 48 GB at N=1e9
     assert json.loads(text[text.index("{") :])["replicas"] == 8
+
+
+def test_seeded_target_flags_a_gap_over_5_percent() -> None:
+    torch_r = fake_measurement("torch", 10**6, 3)
+    seeded = {**fake_measurement("seeded", 10**6, 3), "first_s": torch_r["first_s"] * 1.06}
+    (line,) = [ln for ln in bench.target_lines([torch_r, seeded]) if "within 5%" in ln]
+    assert line.endswith("first index 1.060x, ns/index 1.000x, RSS 1.000x MISSED")
+
+
+def test_setup_targets_count_collectives() -> None:
+    row = {"world": 2, "broadcast_s": 1e-3, "two_rounds_s": 2e-3, "setup_s": 2.5e-3}
+    ok = bench.setup_target_lines([{**row, "collectives": ["gather", "broadcast"]}])
+    assert ok[0].endswith("2 collectives vs 1 OK")
+    assert "1.25-1.25x torch's own gather + broadcast, 2.5-2.5x the bare broadcast" in ok[1]
+    extra = bench.setup_target_lines([{**row, "collectives": ["gather", "broadcast", "barrier"]}])
+    assert extra[0].endswith("3 collectives vs 1 MISSED")
 
 
 def test_sampler_child_measures_one_pass() -> None:
@@ -125,9 +153,12 @@ def test_setup_section_on_two_ranks(capsys: pytest.CaptureFixture[str]) -> None:
 
     if not hasattr(ddpseed, "setup"):
         pytest.skip("ddpseed.setup is not available yet")
-    results = bench.setup_section([2], repeats=1)
+    results = bench.setup_section([2], repeats=2)
     text = capsys.readouterr().out
-    assert results[0]["world"] == 2 and results[0]["repeats"] == 1
+    assert results[0]["world"] == 2 and results[0]["repeats"] == 2
     assert results[0]["broadcast_s"] > 0 and results[0]["setup_s"] > 0
-    assert re.search(r"^\s+2\s+\S+ m?s", text, re.M), text
-    assert "setup/bcast" in text
+    assert results[0]["two_rounds_s"] > 0
+    # measured, not assumed: the torch.distributed calls one real setup made
+    assert results[0]["collectives"] == ["gather", "broadcast"]
+    assert re.search(r"^\s+2\s+\S+ m?s.*gather\+broadcast$", text, re.M), text
+    assert "setup/2 rounds" in text
