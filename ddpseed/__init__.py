@@ -1,8 +1,8 @@
 """ddpseed: one call makes every rank of a PyTorch DDP job agree on its seeds.
 
-    >>> import ddpseed
-    >>> plan = ddpseed.setup(seed=1234)                      # doctest: +SKIP
-    >>> loader = plan.dataloader(dataset, batch_size=32, num_workers=4)   # doctest: +SKIP
+>>> import ddpseed
+>>> plan = ddpseed.setup(seed=1234)                      # doctest: +SKIP
+>>> loader = plan.dataloader(dataset, batch_size=32, num_workers=4)   # doctest: +SKIP
 """
 
 from .derivation import SeedTable, process_seed, seed_table, validate_seed, worker_seed

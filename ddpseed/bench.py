@@ -713,7 +713,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report: Result = {"replicas": REPLICAS, "cpus": os.cpu_count(), "samplers": [], "setup": []}
     try:
-        if not getattr(args, "skip_samplers", False) and sizes:
+        if not args.skip_samplers and sizes:
             report["samplers"] = sampler_section(sizes, repeats, torch_max)
             out()
             for line in target_lines(report["samplers"]):

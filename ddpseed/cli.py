@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -83,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_env(args: argparse.Namespace) -> int:
     topo = detect()
     if args.json:
-        out(json.dumps({k: getattr(topo, k) for k in topo.__dataclass_fields__}))
+        out(json.dumps(dataclasses.asdict(topo)))
         return 0
     out(repr(topo))
     for cls in ENVIRONMENTS:
@@ -138,7 +139,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     plan = setup(seed=args.seed, timeout=args.timeout)
     topo = plan.topology
-    report: dict[str, Any] = {k: getattr(topo, k) for k in topo.__dataclass_fields__}
+    report: dict[str, Any] = dataclasses.asdict(topo)
     report.update(
         hostname=socket.gethostname(),
         base_seed=plan.base_seed,
@@ -149,8 +150,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         shard=[int(i) for i in plan.sampler(range(args.dataset_size))],
     )
     if args.num_workers:
-        import torch
-
         loader = plan.dataloader(
             _WorkerSeeds(4 * args.num_workers),
             batch_size=None,
@@ -162,7 +161,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report["expected_worker_seeds"] = {
             str(w): plan.worker_seed(w, args.num_workers) for w in range(args.num_workers)
         }
-        del torch
     reports = [report]
     if plan.world_size > 1:
         gathered: list[Any] = [None] * plan.world_size
@@ -325,12 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from . import bench
-    except ImportError:  # pragma: no cover - bench is part of the package
-        pass
-    else:
-        bench.register(sub)
+    from . import bench
+
+    bench.register(sub)
     return parser
 
 

@@ -28,7 +28,13 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore  # type: ignore[attr-defined]
 from torch.distributed.rendezvous import rendezvous
 
-from .errors import CoordinationError, SeedMismatchError, SeedValueError, TopologyError
+from .errors import (
+    CoordinationError,
+    SeedMismatchError,
+    SeedValueError,
+    TopologyError,
+    first_line,
+)
 from .topology import Topology
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,8 @@ _MAGIC = 0xDD5EED01
 _HEADER = 8
 _TEXT_BYTES = 256
 _WIDTH = _HEADER + _TEXT_BYTES // 8
+# Record field 1: what the rank brings.
+_NO_SEED, _SEED, _ERROR = 0, 1, 2
 _generation = 0
 
 
@@ -81,7 +89,7 @@ def _encode(p: Proposal, world_size: int) -> torch.Tensor:
     text = (p.error or "").encode()[:_TEXT_BYTES]
     header = [
         _MAGIC,
-        2 if p.error else (1 if p.seed is not None else 0),
+        _ERROR if p.error else (_SEED if p.seed is not None else _NO_SEED),
         int(p.source),
         p.seed if p.seed is not None else -1,
         p.fallback if p.fallback is not None else -1,
@@ -128,7 +136,7 @@ def decide(table: torch.Tensor, world_size: int) -> Agreement:
             f"ranks disagree on the world size ({sorted(sizes)}); every rank must come from "
             "the same launch"
         )
-    errors = [(r, _decode_text(row)) for r, row in enumerate(rows) if row[1] == 2]
+    errors = [(r, _decode_text(row)) for r, row in enumerate(rows) if row[1] == _ERROR]
     if errors:
         lines = "\n".join(f"  rank {r}: {msg}" for r, msg in errors)
         raise SeedValueError(
@@ -137,7 +145,7 @@ def decide(table: torch.Tensor, world_size: int) -> Agreement:
     explicit: dict[tuple[int, Source], list[int]] = {}
     missing: list[int] = []
     for r, row in enumerate(rows):
-        if row[1] == 1:
+        if row[1] == _SEED:
             explicit.setdefault((row[3], Source(row[2])), []).append(r)
         else:
             missing.append(r)
@@ -205,11 +213,7 @@ def _absent_ranks(key: str, topo: Topology, timeout: float) -> list[int] | None:
 
 
 def _gather(row: torch.Tensor, world_size: int, timeout: float) -> torch.Tensor:
-    """All ranks' ``row``, stacked on the CPU; bounded by ``timeout`` whatever the group's own.
-
-    A gather to rank 0 then a broadcast of the table: two collective rounds, where gloo's
-    all_gather is a ring of ``world_size - 1`` sequential hops.
-    """
+    """All ranks' ``row``, stacked on the CPU; bounded by ``timeout`` whatever the group's own."""
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if dist.get_backend() == "nccl"
@@ -248,7 +252,7 @@ def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
             f"{topo.world_size} ranks did not complete within {timeout:g}s: {who}. "
             f"Look for the first error in those ranks' logs; a rank that crashed or was "
             f"killed before ddpseed.setup stops the whole job. ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})" + loopback_hint(topo)
+            f"{first_line(exc)})" + loopback_hint(topo)
         ) from exc
     return decide(rows, topo.world_size)
 
@@ -267,7 +271,8 @@ def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -
             f"rank {topo.rank}: ranks did not all report on {what} within {timeout:g}s "
             f"({type(exc).__name__}); look for the first error in the other ranks' logs"
         ) from exc
-    return [f"rank {r}: {_decode_text(row)}" for r, row in enumerate(rows) if int(row[1]) == 2]
+    table: list[list[int]] = rows.tolist()
+    return [f"rank {r}: {_decode_text(row)}" for r, row in enumerate(table) if row[1] == _ERROR]
 
 
 def ensure_process_group(topo: Topology, backend: str | None, timeout: float) -> bool:
@@ -327,7 +332,7 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
         raise CoordinationError(
             f"rank {topo.rank} on {socket.gethostname()}: could not {role} at "
             f"{topo.master_addr}:{topo.master_port} and gather {topo.world_size} ranks within "
-            f"{timeout:g}s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})."
+            f"{timeout:g}s ({type(exc).__name__}: {first_line(exc)})."
             " Check that every rank has the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE, that "
             "rank 0 is running, and that the port is free and reachable." + hint
         ) from exc

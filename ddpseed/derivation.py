@@ -18,7 +18,6 @@ slots), at the cost of seeds nobody can compute mentally.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -211,9 +210,3 @@ def batch_seed(worker_seed_value: int, ordinal: int) -> int:
         return worker_seed_value
     seq = np.random.SeedSequence(worker_seed_value, spawn_key=(2, ordinal))
     return int(seq.generate_state(1, dtype=np.uint32)[0])
-
-
-def disjoint(seeds: Iterable[int]) -> bool:
-    """True when no seed repeats."""
-    items = list(seeds)
-    return len(set(items)) == len(items)

@@ -28,3 +28,13 @@ class CoordinationError(DDPSeedError):
 
 class StateError(DDPSeedError):
     """A state file that is missing, torn, corrupted, or from another run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, for one-line summaries of a lower-level error.
+
+    >>> first_line(OSError("connection refused\\ndetails"))
+    'connection refused'
+    """
+    lines = str(exc).splitlines()
+    return lines[0] if lines else ""

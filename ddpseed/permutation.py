@@ -111,8 +111,6 @@ class FeistelPermutation:
         self.bits = max(_MIN_BITS, (n - 1).bit_length())
         self._left_bits = self.bits // 2
         self._right_bits = self.bits - self._left_bits
-        # After an odd number of rounds the halves have traded widths.
-        self._final_right_bits = self._left_bits if rounds % 2 else self._right_bits
         self._keys = round_keys(key, rounds)
 
     def __len__(self) -> int:

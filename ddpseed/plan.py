@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -24,12 +25,15 @@ from .files import atomic_write_json
 from .loader import TrackedDataLoader
 from .rundir import MANIFEST_FILE, read_seed_record, resolve_run_dir, write_seed_record
 from .sampler import SeededDistributedSampler
+from .scalable import ScalableDistributedSampler
 from .seeding import enable_determinism, local_cuda_device, seed_process
 from .state import FORMAT, capture_rngs, restore_rngs
 from .topology import Topology, detect
 from .workers import ExactBatchSampler, ExactDataset, WorkerInitFn
 
 log = logging.getLogger(__name__)
+# The local build suffix (+cpu, +cu124) does not change RNG streams; the release may.
+_TORCH_RELEASE = torch.__version__.split("+")[0]
 
 ENV_SEED = "DDPSEED_SEED"
 ENV_DETERMINISTIC = "DDPSEED_DETERMINISTIC"
@@ -154,11 +158,7 @@ class SeedPlan:
         The default is torch's ``DistributedSampler`` order exactly; ``scalable=True`` gives
         :class:`ddpseed.ScalableDistributedSampler` (O(1) memory, any N).
         """
-        cls: Any = SeededDistributedSampler
-        if scalable:
-            from .scalable import ScalableDistributedSampler
-
-            cls = ScalableDistributedSampler
+        cls: Any = ScalableDistributedSampler if scalable else SeededDistributedSampler
         sampler = cls(
             dataset,
             num_replicas=self.world_size,
@@ -240,7 +240,6 @@ class SeedPlan:
     # -- records ----------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         """Everything that determined this run's randomness, as JSON-able values."""
-        topo = self._topology
         return {
             "base_seed": self._base_seed,
             "seed_source": self._source,
@@ -249,18 +248,7 @@ class SeedPlan:
                 "process_seed": "(base + rank) mod 2**32",
                 "worker_seed": "(base + (epoch*world_size + rank)*W + worker_id) mod 2**32",
             },
-            "topology": {
-                "launcher": topo.launcher,
-                "rank": topo.rank,
-                "local_rank": topo.local_rank,
-                "world_size": topo.world_size,
-                "local_world_size": topo.local_world_size,
-                "node_rank": topo.node_rank,
-                "num_nodes": topo.num_nodes,
-                "master_addr": topo.master_addr,
-                "master_port": topo.master_port,
-                "run_id": topo.run_id,
-            },
+            "topology": dataclasses.asdict(self._topology),
             "process_seed": self.process_seed,
             "cuda_device": self._cuda_device,
             "deterministic": list(self._deterministic),
@@ -282,7 +270,7 @@ class SeedPlan:
             "rank": self.rank,
             "world_size": self.world_size,
             "epoch": self._epoch,
-            "torch_version": torch.__version__.split("+")[0],
+            "torch_version": _TORCH_RELEASE,
             "loaders": [ld.state_dict() for ld in self._live_loaders()],
             "rng": capture_rngs(self._cuda_device),
         }
@@ -345,12 +333,11 @@ class SeedPlan:
             raise mismatch("rank", state["rank"], self.rank, "load each rank's own file")
         if state["scheme"] != self._scheme:
             raise mismatch("scheme", state["scheme"], self._scheme, "use the saved scheme")
-        now_torch = torch.__version__.split("+")[0]
-        if state.get("torch_version") != now_torch:
+        if state.get("torch_version") != _TORCH_RELEASE:
             raise mismatch(
                 "torch",
                 state.get("torch_version"),
-                now_torch,
+                _TORCH_RELEASE,
                 "RNG state layouts differ between torch releases; resume with the saved one",
             )
         if state["rng"].get("cuda") is not None and self._cuda_device is None:
@@ -390,15 +377,16 @@ def _fallback(proposal: Proposal, run_dir: Path | None) -> Proposal:
     except DDPSeedError as exc:
         return Proposal(error=str(exc))
     if recorded is not None:
-        return Proposal(proposal.source, proposal.seed, proposal.error, recorded, Source.RECORD)
-    return Proposal(
-        proposal.source, proposal.seed, proposal.error, secrets.randbits(32), Source.ENTROPY
+        return dataclasses.replace(proposal, fallback=recorded, fallback_source=Source.RECORD)
+    return dataclasses.replace(
+        proposal, fallback=secrets.randbits(32), fallback_source=Source.ENTROPY
     )
 
 
 def _persist(plan: SeedPlan, run_dir: Path | None, explicit_dir: bool, timeout: float) -> None:
     """Rank 0 writes the seed record and manifest; every rank learns whether that worked."""
-    # Decided from agreed values only, so every rank takes the same branch.
+    # seed_source is agreed; run_dir and explicit_dir are not, so every rank must be given the
+    # same run_dir= / DDPSEED_RUN_DIR or some ranks would wait in share_errors until the timeout.
     if run_dir is None or not (explicit_dir or plan.seed_source in ("entropy", "run record")):
         return
     error = ""

@@ -46,9 +46,9 @@ def read_seed_record(run_dir: Path) -> int | None:
     try:
         data = json.loads(text)
         return validate_seed(data["base_seed"], source=f"{path}: base_seed")
+    except SeedValueError as exc:  # a ValueError too, so it must be caught first
+        raise StateError(str(exc)) from None
     except (ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, SeedValueError):
-            raise StateError(str(exc)) from None
         raise StateError(
             f"seed record {path} is corrupted ({type(exc).__name__}: {exc}); restore it from "
             "a backup, or delete it to draw a new seed (the run will not continue the old one)"

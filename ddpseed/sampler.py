@@ -1,21 +1,18 @@
 """Distributed samplers that shard one permutation chosen by the shared base seed.
 
-:class:`SeededDistributedSampler` is torch's ``DistributedSampler`` (same order at every epoch)
-plus what exact resume needs: a one-shot start position (:meth:`~ResumableSampler.seek`) and a
-warning when an epoch is replayed because ``set_epoch`` was forgotten.
+:class:`SeededDistributedSampler` is torch's ``DistributedSampler`` (torch's exact order at
+every epoch) plus what exact resume needs: a one-shot start position
+(:meth:`~ResumableSampler.seek`) and a warning when an epoch is replayed because ``set_epoch``
+was forgotten.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import warnings
 from collections.abc import Iterator, Sized
-from typing import Any
 
 from torch.utils.data import DistributedSampler
-
-log = logging.getLogger(__name__)
 
 
 class ResumableSampler:
@@ -104,21 +101,3 @@ class SeededDistributedSampler(ResumableSampler, DistributedSampler[int]):
     def _indices(self, start: int) -> Iterator[int]:
         # torch builds the whole shard list; skipping its head is a seek, not a data replay.
         return itertools.islice(DistributedSampler.__iter__(self), start, None)
-
-    def __iter__(self) -> Iterator[int]:
-        return ResumableSampler.__iter__(self)
-
-    def set_epoch(self, epoch: int) -> None:
-        ResumableSampler.set_epoch(self, epoch)
-
-
-def sampler_kwargs(sampler: Any) -> dict[str, Any]:
-    """The constructor arguments that select a sampler's order (for state checks)."""
-    return {
-        "num_replicas": sampler.num_replicas,
-        "rank": sampler.rank,
-        "shuffle": sampler.shuffle,
-        "seed": sampler.seed,
-        "drop_last": sampler.drop_last,
-        "len": len(sampler),
-    }

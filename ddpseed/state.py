@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .coordinator import share_errors
-from .errors import StateError
+from .errors import StateError, first_line
 from .files import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -121,7 +121,8 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
     """Atomically write this rank's ``plan.state_dict()``; returns the file written.
 
     Collective when the job is distributed: if any rank cannot write (disk full, read-only
-    directory), every rank raises :class:`StateError` naming it; earlier files stay intact.
+    directory), every rank raises :class:`StateError` naming it. A rank that failed keeps its
+    previous file; ranks that succeeded have already replaced theirs.
     """
     target = state_path(path, plan.rank)
     error = None
@@ -133,16 +134,16 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
         atomic_write_bytes(target, buffer.getvalue(), what=f"rank {plan.rank} RNG state")
     except StateError as exc:
         error = str(exc)
-    _raise_shared(error, plan, f"saving {path}")
+    _raise_shared(error, plan, f"saving {path}", "ranks not listed replaced their files")
     return target
 
 
-def _raise_shared(error: str | None, plan: SeedPlan, what: str) -> None:
+def _raise_shared(error: str | None, plan: SeedPlan, what: str, outcome: str) -> None:
     failures = share_errors(error, plan.topology, plan.timeout, what)
     if failures:
         raise StateError(
-            f"{what} failed on {len(failures)} of {plan.world_size} ranks; nothing was "
-            "changed:\n" + "\n".join(f"  {line}" for line in failures)
+            f"{what} failed on {len(failures)} of {plan.world_size} ranks; {outcome}:\n"
+            + "\n".join(f"  {line}" for line in failures)
         )
 
 
@@ -159,7 +160,7 @@ def read_state(path: str | os.PathLike[str], rank: int) -> dict[str, Any]:
     except Exception as exc:
         raise StateError(
             f"rank {rank}: state file {target} is truncated or not a ddpseed state file "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+            f"({type(exc).__name__}: {first_line(exc)[:200]}); "
             "resume from an earlier checkpoint"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -191,6 +192,6 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan) -> None:
         plan.check_state(state, source=source)
     except StateError as exc:
         error = str(exc)
-    _raise_shared(error, plan, f"loading {path}")
+    _raise_shared(error, plan, f"loading {path}", "nothing was changed")
     assert state is not None
     plan.load_state_dict(state, source=source)
