@@ -424,6 +424,10 @@ def setup(
         deterministic = os.environ.get(ENV_DETERMINISTIC, "").lower() in ("1", "true", "yes", "on")
     flags = tuple(enable_determinism()) if deterministic else ()
     cuda_device = local_cuda_device(topo.local_rank)
+    if cuda_device is not None:
+        # Before any collective: on nccl the agreement's tensors go to the current device, and
+        # without this every rank of a node would put them on cuda:0.
+        torch.cuda.set_device(cuda_device)
     chosen_dir = resolve_run_dir(run_dir, topo)
     explicit_dir = run_dir is not None or bool(os.environ.get("DDPSEED_RUN_DIR"))
     coordinator.ensure_process_group(topo, backend, timeout)
