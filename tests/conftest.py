@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from helpers import ranks
 
 REPO = Path(__file__).resolve().parents[1]
 VERIFY_MARKER = "DDPSEED_VERIFY "
@@ -57,17 +58,10 @@ _LAUNCHER_VARS = (
 _LAUNCHER_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "TORCHELASTIC_", "DDPSEED_")
 
 
-def pick_free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel's choice for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def free_port() -> int:
     """A TCP port of this test's own."""
-    return pick_free_port()
+    return ranks.free_port()
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

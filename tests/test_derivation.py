@@ -118,6 +118,12 @@ def _brute_force_collisions(table: ddpseed.SeedTable) -> set[int]:
     return {s for s, n in seen.items() if n > 1}
 
 
+def ddpseed_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``python -m ddpseed ARGS`` in a fresh interpreter, output captured."""
+    cmd = [sys.executable, "-m", "ddpseed", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=60)
+
+
 @settings(max_examples=5, deadline=None)
 @given(
     base=st.one_of(seeds, st.just(SEED_SPACE - 3)),
@@ -129,28 +135,10 @@ def _brute_force_collisions(table: ddpseed.SeedTable) -> set[int]:
 def test_cli_plan_reports_exactly_the_brute_force_collisions(
     base: int, world: int, workers: int, epochs: int, scheme: str
 ) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ddpseed",
-            "plan",
-            "--seed",
-            str(base),
-            "--world-size",
-            str(world),
-            "--num-workers",
-            str(workers),
-            "--epochs",
-            str(epochs),
-            "--scheme",
-            scheme,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
+    proc = ddpseed_cli(
+        "plan",
+        *("--seed", str(base), "--world-size", str(world), "--num-workers", str(workers)),
+        *("--epochs", str(epochs), "--scheme", scheme, "--json"),
     )
     report = json.loads(proc.stdout)
     table = seed_table(base, world, workers, epochs, scheme=scheme)  # type: ignore[arg-type]
@@ -159,25 +147,8 @@ def test_cli_plan_reports_exactly_the_brute_force_collisions(
 
 
 def test_cli_plan_table_lists_every_rank() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ddpseed",
-            "plan",
-            "--seed",
-            "42",
-            "--world-size",
-            "16",
-            "--num-workers",
-            "4",
-            "--epochs",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
+    proc = ddpseed_cli(
+        "plan", "--seed", "42", "--world-size", "16", "--num-workers", "4", "--epochs", "2"
     )
     lines = proc.stdout.splitlines()
     assert lines[2].split()[:6] == ["0", "42", "42", "43", "44", "45"]
@@ -186,10 +157,5 @@ def test_cli_plan_table_lists_every_rank() -> None:
 
 
 def test_cli_rejects_a_bad_seed_with_the_reason() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "ddpseed", "plan", "--seed", "-5", "--world-size", "2"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = ddpseed_cli("plan", "--seed", "-5", "--world-size", "2", check=False)
     assert proc.returncode == 2 and "outside [0, 2**32)" in proc.stderr

@@ -18,6 +18,12 @@ from helpers.ranks import torchrun
 DEMO = ["-m", "ddpseed.demo", "--epochs", "2", "--samples", "192", "--batch-size", "16"]
 
 
+def kill_at_step_9(tmp: Path) -> list[str]:
+    """Checkpoint every 4 steps and SIGKILL rank 1 at step 9: with 6 batches per rank per epoch,
+    that is mid-epoch 1, and the restart resumes from step 8."""
+    return ["--ckpt-dir", str(tmp / "ckpt"), "--every", "4", "--kill-at-step", "9"]
+
+
 def demo_run(
     tmp: Path, name: str, *extra: str, restarts: int = 0, env: dict[str, str] | None = None
 ) -> dict:  # type: ignore[type-arg]
@@ -41,19 +47,7 @@ def test_sigkill_mid_epoch_and_torchrun_restart_is_bitwise_identical(
     opts = ["--seed", "77", "--num-workers", str(workers)]
     opts += ["--persistent-workers"] if persistent else []
     straight = demo_run(tmp_path, "straight", *opts)
-    # 6 batches per rank per epoch; checkpoint every 4 steps; rank 1 dies at step 9 (epoch 1).
-    killed = demo_run(
-        tmp_path,
-        "killed",
-        *opts,
-        "--ckpt-dir",
-        str(tmp_path / "ckpt"),
-        "--every",
-        "4",
-        "--kill-at-step",
-        "9",
-        restarts=1,
-    )
+    killed = demo_run(tmp_path, "killed", *opts, *kill_at_step_9(tmp_path), restarts=1)
     assert (killed["restarts"], killed["resumed_from_step"]) == (1, 8)
     assert killed["steps"] == straight["steps"] == 12
     assert killed["trace"] == straight["trace"][8:]
@@ -63,18 +57,7 @@ def test_sigkill_mid_epoch_and_torchrun_restart_is_bitwise_identical(
 def test_entropy_seed_survives_the_restart(tmp_path: Path) -> None:
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     killed = demo_run(
-        tmp_path,
-        "killed",
-        "--num-workers",
-        "2",
-        "--ckpt-dir",
-        str(tmp_path / "ckpt"),
-        "--every",
-        "4",
-        "--kill-at-step",
-        "9",
-        restarts=1,
-        env=env,
+        tmp_path, "killed", "--num-workers", "2", *kill_at_step_9(tmp_path), restarts=1, env=env
     )
     assert killed["seed_source"] == "run record"  # the restart found attempt 0's entropy seed
     replay = demo_run(tmp_path, "replay", "--num-workers", "2", "--seed", str(killed["base_seed"]))

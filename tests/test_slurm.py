@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from ddpseed.topology import SlurmEnvironment
+from helpers.ranks import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
@@ -60,12 +61,6 @@ TERMINAL = {
     "BOOT_FAIL",
     "DEADLINE",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(cmd: Sequence[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess[str]:
@@ -199,7 +194,7 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         r = self.root
-        ctld, n1, n2 = _free_port(), _free_port(), _free_port()
+        ctld, n1, n2 = free_port(), free_port(), free_port()
         # Distinct job ids per cluster keep derived ports apart (SystemRandom: tests elsewhere
         # seed `random`).
         first_job = random.SystemRandom().randrange(1000, 2_000_000)

@@ -29,6 +29,7 @@ _DROP = {
 
 
 def free_port() -> int:
+    """A TCP port nothing listens on right now (the kernel's choice for port 0)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
