@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -250,11 +252,43 @@ def _torchrun(nproc: int, out_file: Path, extra: list[str], timeout: float) -> d
     ]
     env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
     env.pop("DDPSEED_SEED", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # Its own session, so a timeout stops torchrun's ranks and their DataLoader workers too.
+    with subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_session(proc)
+            _, stderr = proc.communicate()
+            raise DDPSeedError(
+                f"demo run did not finish within --timeout={timeout:g}s; its processes were "
+                f"stopped. Raise --timeout on a slow machine. Last output:\n{stderr[-3000:]}"
+            ) from None
     if proc.returncode != 0:
-        raise DDPSeedError(f"demo run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise DDPSeedError(f"demo run failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out_file.read_text())
     return result
+
+
+def _stop_session(proc: subprocess.Popen[str], grace: float = 10.0) -> None:
+    """SIGTERM the session ``proc`` leads (torchrun forwards it to its ranks), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            # the leader is gone; anything left in its session goes now
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ measured 2-6x slower than gather + broadcast at 4-32 ranks.)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -40,11 +41,13 @@ from .topology import Topology
 log = logging.getLogger(__name__)
 
 _MAGIC = 0xDD5EED01
-_HEADER = 8
+_HEADER = 10
 _TEXT_BYTES = 256
 _WIDTH = _HEADER + _TEXT_BYTES // 8
 # Record field 1: what the rank brings.
 _NO_SEED, _SEED, _ERROR = 0, 1, 2
+# Record field 8: the rank's run directory (bits); field 9: a hash of its path.
+_HAS_DIR, _EXPLICIT_DIR = 1, 2
 _generation = 0
 
 
@@ -77,12 +80,31 @@ class Proposal:
         None  # rank 0 only: the record or fresh entropy used if nobody is explicit
     )
     fallback_source: Source = Source.NONE
+    run_dir: str | None = None  # where this rank would keep the run record
+    explicit_dir: bool = False  # run_dir= or DDPSEED_RUN_DIR, not derived from a job id
 
 
 @dataclass(frozen=True)
 class Agreement:
     base_seed: int
     source: Source
+    # Only rank 0 touches the run record, so its run directory decides for every rank whether
+    # the record step (a collective) happens; ranks given another directory are listed.
+    record: bool = False
+    other_run_dir: tuple[int, ...] = ()
+
+
+def _path_hash(path: str | None) -> int:
+    """A stable signed 64-bit hash of a path (0 for none).
+
+    >>> _path_hash(None), _path_hash("/runs/a") == _path_hash("/runs/a")
+    (0, True)
+    """
+    if path is None:
+        return 0
+    return int.from_bytes(
+        hashlib.blake2b(path.encode(), digest_size=8).digest(), "big", signed=True
+    )
 
 
 def _encode(p: Proposal, world_size: int) -> torch.Tensor:
@@ -96,6 +118,8 @@ def _encode(p: Proposal, world_size: int) -> torch.Tensor:
         int(p.fallback_source),
         world_size,
         len(text),
+        (_HAS_DIR if p.run_dir is not None else 0) | (_EXPLICIT_DIR if p.explicit_dir else 0),
+        _path_hash(p.run_dir),
     ]
     packed = np.frombuffer(text.ljust(_TEXT_BYTES, b"\0"), dtype=np.int64)
     return torch.from_numpy(np.concatenate([np.array(header, dtype=np.int64), packed]))
@@ -164,11 +188,18 @@ def decide(table: torch.Tensor, world_size: int) -> Agreement:
         )
     if explicit:
         (seed, src), _ = next(iter(explicit.items()))
-        return Agreement(seed, src)
-    fallback = rows[0][4]
-    if fallback < 0:
-        raise CoordinationError("rank 0 sent no seed; this is a ddpseed bug, please report it")
-    return Agreement(fallback, Source(rows[0][5]))
+    else:
+        seed, src = rows[0][4], Source(rows[0][5])
+        if seed < 0:
+            raise CoordinationError("rank 0 sent no seed; this is a ddpseed bug, please report it")
+    # An explicit directory always gets the record and manifest; a job-id one only when the
+    # seed needs remembering (drawn from entropy, or already taken from a record).
+    flags = rows[0][8]
+    record = bool(flags & _HAS_DIR) and (
+        bool(flags & _EXPLICIT_DIR) or src in (Source.ENTROPY, Source.RECORD)
+    )
+    other = tuple(r for r, row in enumerate(rows) if row[9] != rows[0][9])
+    return Agreement(seed, src, record, other)
 
 
 def _default_store() -> Any:

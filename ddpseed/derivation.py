@@ -73,6 +73,32 @@ def _check_scheme(scheme: str) -> None:
         raise ValueError(f"unknown seed scheme {scheme!r}; choose one of {SCHEMES}")
 
 
+_RULES: dict[Scheme, dict[str, str]] = {
+    "default": {
+        "process_seed": "(base + rank) mod 2**32",
+        "worker_seed": "(base + (epoch*world_size + rank)*W + worker_id) mod 2**32",
+    },
+    "disjoint": {
+        "process_seed": "K(base, 2*rank)",
+        "worker_seed": "K(base, 2*((epoch*world_size + rank)*W + worker_id) + 1)",
+        "K(b, s)": "F((F((s ^ b) mod 2**32) + F(b ^ 0x9E3779B9)) mod 2**32)",
+        "F": "murmur3's 32-bit finaliser (fmix32)",
+    },
+}
+
+
+def rule(scheme: Scheme = "default") -> dict[str, str]:
+    """The formulas of ``scheme``, as written in the run's manifest.
+
+    >>> rule()["process_seed"]
+    '(base + rank) mod 2**32'
+    >>> rule("disjoint")["process_seed"]
+    'K(base, 2*rank)'
+    """
+    _check_scheme(scheme)
+    return dict(_RULES[scheme])
+
+
 def _fmix32(x: int) -> int:
     # murmur3's finaliser: each step (xor-shift, odd multiply) is invertible on 32 bits.
     x ^= x >> 16

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import coordinator
 from .coordinator import Proposal, Source
-from .derivation import Scheme, process_seed, validate_seed, worker_seed
+from .derivation import Scheme, process_seed, rule, validate_seed, worker_seed
 from .errors import DDPSeedError, StateError
 from .files import atomic_write_json
 from .loader import TrackedDataLoader
@@ -244,10 +244,7 @@ class SeedPlan:
             "base_seed": self._base_seed,
             "seed_source": self._source,
             "scheme": self._scheme,
-            "rule": {
-                "process_seed": "(base + rank) mod 2**32",
-                "worker_seed": "(base + (epoch*world_size + rank)*W + worker_id) mod 2**32",
-            },
+            "rule": rule(self._scheme),
             "topology": dataclasses.asdict(self._topology),
             "process_seed": self.process_seed,
             "cuda_device": self._cuda_device,
@@ -384,13 +381,13 @@ def _fallback(proposal: Proposal, run_dir: Path | None) -> Proposal:
 
 
 def _persist(plan: SeedPlan, run_dir: Path | None, explicit_dir: bool, timeout: float) -> None:
-    """Rank 0 writes the seed record and manifest; every rank learns whether that worked."""
-    # seed_source is agreed; run_dir and explicit_dir are not, so every rank must be given the
-    # same run_dir= / DDPSEED_RUN_DIR or some ranks would wait in share_errors until the timeout.
-    if run_dir is None or not (explicit_dir or plan.seed_source in ("entropy", "run record")):
-        return
+    """Rank 0 writes the seed record and manifest; every rank learns whether that worked.
+
+    Called on every rank when the agreement says rank 0 keeps a record, whatever directory
+    (if any) the other ranks were given: the decision is rank 0's, made from agreed inputs.
+    """
     error = ""
-    if plan.rank == 0:
+    if plan.rank == 0 and run_dir is not None:
         try:
             write_seed_record(run_dir, plan.base_seed, plan.seed_source)
             if explicit_dir:
@@ -431,10 +428,22 @@ def setup(
     chosen_dir = resolve_run_dir(run_dir, topo)
     explicit_dir = run_dir is not None or bool(os.environ.get("DDPSEED_RUN_DIR"))
     coordinator.ensure_process_group(topo, backend, timeout)
-    proposal = _explicit_proposal(seed)
+    proposal = dataclasses.replace(
+        _explicit_proposal(seed),
+        run_dir=str(chosen_dir) if chosen_dir is not None else None,
+        explicit_dir=explicit_dir,
+    )
     if topo.rank == 0 and proposal.seed is None and proposal.error is None:
         proposal = _fallback(proposal, chosen_dir)
     agreement = coordinator.agree(proposal, topo, timeout)
+    if topo.rank in agreement.other_run_dir:
+        log.warning(
+            "rank %d: run directory %s differs from rank 0's; only rank 0 reads and writes the "
+            "run record, so this rank's is unused (give every rank the same run_dir= or "
+            "DDPSEED_RUN_DIR)",
+            topo.rank,
+            chosen_dir,
+        )
     if agreement.source == Source.ENTROPY:
         log.warning(
             "base seed %d drawn from OS entropy; replay this run with DDPSEED_SEED=%d",
@@ -451,7 +460,8 @@ def setup(
         run_dir=chosen_dir,
         timeout=timeout,
     )
-    _persist(plan, chosen_dir, explicit_dir, timeout)
+    if agreement.record:
+        _persist(plan, chosen_dir, explicit_dir, timeout)
     seed_process(plan.process_seed, cuda_device=cuda_device)
     log.info("%r from %s; %r", plan, plan.seed_source, topo)
     return plan

@@ -8,6 +8,7 @@ was forgotten.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import warnings
 from collections.abc import Iterator, Sized
@@ -100,4 +101,7 @@ class SeededDistributedSampler(ResumableSampler, DistributedSampler[int]):
 
     def _indices(self, start: int) -> Iterator[int]:
         # torch builds the whole shard list; skipping its head is a seek, not a data replay.
-        return itertools.islice(DistributedSampler.__iter__(self), start, None)
+        # Advanced in place rather than wrapped in islice: no extra call per index after it.
+        indices = DistributedSampler.__iter__(self)
+        collections.deque(itertools.islice(indices, start), maxlen=0)
+        return indices

@@ -141,13 +141,22 @@ class TorchrunEnvironment(LauncherEnvironment):
         )
 
 
+def slurm_job_id(env: Mapping[str, str]) -> str:
+    """The Slurm job id (``SLURM_JOB_ID``, or the older ``SLURM_JOBID``), ``""`` outside one.
+
+    >>> slurm_job_id({"SLURM_JOBID": "17"}), slurm_job_id({})
+    ('17', '')
+    """
+    return env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or ""
+
+
 class SlurmEnvironment(LauncherEnvironment):
     """A task started by ``srun`` (inside ``sbatch``/``salloc`` or not)."""
 
     name = "slurm"
 
     def in_allocation(self) -> bool:
-        return "SLURM_JOB_ID" in self.env or "SLURM_JOBID" in self.env
+        return bool(slurm_job_id(self.env))
 
     def in_step(self) -> bool:
         # The batch script (and salloc's shell) sees SLURM_PROCID=0 and the allocation's
@@ -161,7 +170,7 @@ class SlurmEnvironment(LauncherEnvironment):
 
     def topology(self) -> Topology:
         env = self.env
-        job_id = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", ""))
+        job_id = slurm_job_id(env)
         world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
         nodes_var = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in env else "SLURM_JOB_NODELIST"
         nodelist = env.get(nodes_var, env.get("SLURM_NODELIST", ""))
@@ -208,7 +217,7 @@ class SingleEnvironment(LauncherEnvironment):
 
     def topology(self) -> Topology:
         env = self.env
-        job_id = env.get("SLURM_JOB_ID")
+        job_id = slurm_job_id(env)
         return Topology(
             launcher="single",
             rank=0,
@@ -238,7 +247,7 @@ def detect(environ: Mapping[str, str] | None = None) -> Topology:
         log.info(
             "inside Slurm job %s but outside srun (the batch script itself): running as a "
             "single process; start one task per GPU with srun to get a distributed world",
-            env.get("SLURM_JOB_ID", env.get("SLURM_JOBID")),
+            slurm_job_id(env),
         )
     for cls in ENVIRONMENTS:
         launcher = cls(env)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ddpseed
-from ddpseed.derivation import SEED_SPACE, batch_seed, seed_table
+from ddpseed.derivation import SEED_SPACE, batch_seed, rule, seed_table
 
 seeds = st.integers(0, SEED_SPACE - 1)
 small = st.integers(1, 12)
@@ -23,6 +23,44 @@ def test_formulas_from_the_contract() -> None:
     # epoch e moves rank r's workers to slot (e*world + r)*W + w
     assert ddpseed.worker_seed(1234, 3, 4, 1, epoch=2, world_size=8) == 1234 + (2 * 8 + 3) * 4 + 1
     assert ddpseed.process_seed(SEED_SPACE - 1, 2) == 1
+
+
+def _fmix32(x: int) -> int:  # murmur3's 32-bit finaliser, written out from its reference
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) % 2**32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) % 2**32
+    return x ^ (x >> 16)
+
+
+@given(base=seeds, world=small, workers=small, rank=st.integers(0, 11), epoch=st.integers(0, 3))
+@pytest.mark.parametrize("scheme", ["default", "disjoint"])
+def test_manifest_rule_text_reproduces_the_seeds(
+    scheme: str, base: int, world: int, workers: int, rank: int, epoch: int
+) -> None:
+    # The formulas a run's manifest records, evaluated as written, give the seeds it used.
+    text = rule(scheme)  # type: ignore[arg-type]
+    rank %= world
+
+    def key(b: int, s: int) -> int:
+        value: int = eval(text["K(b, s)"].replace(" mod ", " % "), {"F": _fmix32, "b": b, "s": s})
+        return value
+
+    names = {"base": base, "rank": rank, "world_size": world, "W": workers, "epoch": epoch}
+    for worker_id in range(workers):
+        env = {**names, "worker_id": worker_id, "K": key}
+        worker = eval(text["worker_seed"].replace(" mod ", " % "), env)
+        assert worker == ddpseed.worker_seed(
+            base,
+            rank,
+            workers,
+            worker_id,
+            epoch,
+            world,
+            scheme=scheme,  # type: ignore[arg-type]
+        )
+    process = eval(text["process_seed"].replace(" mod ", " % "), {**names, "K": key})
+    assert process == ddpseed.process_seed(base, rank, scheme=scheme)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

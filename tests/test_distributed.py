@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -105,6 +106,33 @@ def test_demo_ends_with_identical_weights() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "bitwise identical: yes" in proc.stdout
     assert "from entropy" in proc.stdout
+
+
+def _processes_with(token: str) -> list[int]:
+    """Pids whose environment carries ``token`` (everything a test's command started)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and token.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_demo_timeout_stops_every_process_and_says_so() -> None:
+    token = f"ddpseed-demo-timeout-{uuid.uuid4().hex}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpseed", "demo", "--nproc", "2", "--timeout", "2"],
+        env=clean_env(DDPSEED_TEST_TOKEN=token),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "did not finish within --timeout=2s; its processes were stopped" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("Last output:")[0]
+    assert _processes_with(token) == []
 
 
 def test_env_command_reports_torchrun_topology() -> None:

@@ -6,6 +6,7 @@ import alone takes seconds on a loaded 2-core machine), and asserts on what each
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -167,6 +168,23 @@ def test_seed_set_on_one_node_only() -> None:
     assert_every_live_rank_failed(
         results, "seed 9 (from DDPSEED_SEED) on ranks 0-1", "no seed on ranks 2-3"
     )
+
+
+@pytest.mark.parametrize("given_to", [0, 1])
+def test_run_dir_given_to_one_rank_only(tmp_path: Path, given_to: int) -> None:
+    # Only rank 0 keeps the run record, so rank 0's directory decides for all; before, the
+    # ranks without one skipped the record step and left the others waiting in it.
+    run_dir = tmp_path / "run"
+    results = run(2, per_rank_env={given_to: {"FAULT_RUN_DIR": str(run_dir)}})
+    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
+    (seed,) = {r.stdout.split()[-1] for r in results}
+    if given_to == 0:
+        assert json.loads((run_dir / "seed.json").read_text())["base_seed"] == int(seed)
+        assert (run_dir / "manifest.json").exists()
+    else:
+        assert not run_dir.exists()
+    assert "differs from rank 0's" in results[1].stderr
+    assert "differs from rank 0's" not in results[0].stderr
 
 
 @pytest.mark.parametrize("bad", ["-1", str(2**32), "1e3", "abc", ""])

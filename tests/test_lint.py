@@ -1,13 +1,19 @@
-"""The code base stays ruff-clean and mypy-strict-clean (the public API is typed: py.typed)."""
+"""The code base stays ruff-clean and mypy-strict-clean (the public API is typed: py.typed), and
+every example in its docstrings runs."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
+import pkgutil
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import ddpseed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +36,11 @@ def test_mypy_strict_clean() -> None:
 
 def test_package_ships_py_typed() -> None:
     assert (REPO / "ddpseed" / "py.typed").exists()
+
+
+@pytest.mark.parametrize(
+    "name", sorted(m.name for m in pkgutil.iter_modules(ddpseed.__path__) if m.name != "__main__")
+)
+def test_docstring_examples_run(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(f"ddpseed.{name}"))
+    assert result.failed == 0

@@ -318,6 +318,9 @@ def test_detect_sbatch_batch_script_is_single(caplog):
     assert any(
         "outside srun" in r.getMessage() and "1000" in r.getMessage() for r in caplog.records
     ), caplog.text
+    # older Slurm versions and some site wrappers set only the deprecated SLURM_JOBID
+    legacy = {k: v for k, v in SBATCH_BATCH_SCRIPT.items() if k != "SLURM_JOB_ID"}
+    assert detect(legacy).run_id == "slurm-1000"
 
 
 def test_detect_torchrun_inside_sbatch_wins():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import itertools
 import math
 import pickle
@@ -20,8 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
 
-import ddpseed.permutation
-import ddpseed.scalable
 from ddpseed.errors import DDPSeedError, SeedValueError
 from ddpseed.permutation import FeistelPermutation
 from ddpseed.scalable import ScalableDistributedSampler, shard_sizes
@@ -60,12 +57,6 @@ def chi2_sf(x: float, df: int) -> float:
 
 
 # --- the permutation -------------------------------------------------------------------------
-
-
-def test_docstrings_run() -> None:
-    for module in (ddpseed.permutation, ddpseed.scalable):
-        result = doctest.testmod(module)
-        assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
 @pytest.mark.parametrize("key", KEYS)
