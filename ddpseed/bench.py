@@ -5,9 +5,12 @@ Section 1 times rank 0 of 8 iterating its shard (``shuffle=True``) with torch's
 cost) and ``ScalableDistributedSampler`` (a lazily evaluated Feistel permutation): time to the
 first index, ns per index over the whole shard, and peak RSS above the interpreter's baseline.
 Every measurement runs in a fresh interpreter, so ``ru_maxrss`` belongs to that sampler alone.
+Then, up to N = 1e7, torch and ``SeededDistributedSampler`` are paired in one warm interpreter
+for a time budget (see :mod:`ddpseed.paired`), which resolves a few percent on a noisy machine.
 
 Section 2 times ``ddpseed.setup`` on an existing gloo process group against torch's broadcast of
-one int64 tensor, for local worlds of several sizes.
+one int64 tensor and torch's own gather + broadcast of the same records, for local worlds of
+several sizes.
 
 Run ``ddpseed bench`` (or ``python -m ddpseed.bench``); ``--quick`` is a smoke test.
 """
@@ -275,7 +278,7 @@ def sampler_child(kind: str, n: int) -> Result:
 
 def paired_child(n: int, seconds: float) -> Result:
     """torch, Seeded and torch again alternated in this warm process for ``seconds``."""
-    kinds = {"torch": "torch", "seeded": "seeded", "torch_again": "torch"}
+    kinds = dict(zip(paired.ARMS, ("torch", "seeded", "torch"), strict=True))
     makers = {arm: _sampler_factory(kind, n) for arm, kind in kinds.items()}
     return {"n": n, **paired.run_rounds(makers, seconds)}
 

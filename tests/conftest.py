@@ -10,7 +10,6 @@ is left even when the test failed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -26,36 +25,7 @@ import pytest
 from helpers import ranks
 
 REPO = Path(__file__).resolve().parents[1]
-VERIFY_MARKER = "DDPSEED_VERIFY "
 SHARD_ITEMS = 64  # `ddpseed verify` shards a 64-item dataset
-
-# Variables a launcher sets; a test's child processes must only see the ones the test chose.
-_LAUNCHER_VARS = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "NODE_RANK",
-    "NNODES",
-    "NPROC_PER_NODE",
-    "RDZV",
-    "RUN_ID",
-    "LOCAL_ADDR",
-    "GLOO_SOCKET_IFNAME",
-    "NCCL_SOCKET_IFNAME",
-    "RDZV_IS_HOST",
-    "TORCHRUN_EXTRA_ARGS",
-    "TORCHRUN_SH",
-    "DRY_RUN",
-    "PYTHONHASHSEED",
-)
-_LAUNCHER_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "TORCHELASTIC_", "DDPSEED_")
 
 
 @pytest.fixture
@@ -66,11 +36,7 @@ def free_port() -> int:
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without launcher variables, with ddpseed importable."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)
-    }
+    env = ranks.without_launcher(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHON"] = sys.executable  # the interpreter the launch scripts run torchrun with
     env["PYTHONUNBUFFERED"] = "1"
@@ -82,17 +48,6 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def verify_command() -> list[str]:
     """What every rank runs: ``python -m ddpseed verify --json`` (interpreter included)."""
     return [sys.executable, "-m", "ddpseed", "verify", "--json"]
-
-
-def parse_verify(output: str) -> list[dict[str, Any]]:
-    """The per-rank reports of the ``DDPSEED_VERIFY <json>`` line rank 0 printed."""
-    found = [line for line in output.splitlines() if VERIFY_MARKER in line]
-    assert len(found) == 1, (
-        f"expected one {VERIFY_MARKER.strip()} line, got {len(found)}:\n" + (output[-6000:])
-    )
-    reports = json.loads(found[0].split(VERIFY_MARKER, 1)[1])
-    assert isinstance(reports, list), reports
-    return sorted(reports, key=lambda r: int(r["rank"]))
 
 
 def check_verify(
@@ -262,7 +217,7 @@ def launch_env() -> Callable[..., dict[str, str]]:
 
 @pytest.fixture
 def verify_reports() -> Callable[[str], list[dict[str, Any]]]:
-    return parse_verify
+    return ranks.parse_verify
 
 
 @pytest.fixture

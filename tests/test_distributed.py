@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 import ddpseed
-from helpers.ranks import clean_env, free_port, torchrun
+from helpers.ranks import clean_env, free_port, parse_verify, torchrun
 
 
 def verify(nproc: int, *extra: str, env: dict[str, str] | None = None) -> list[dict]:  # type: ignore[type-arg]
@@ -21,9 +21,7 @@ def verify(nproc: int, *extra: str, env: dict[str, str] | None = None) -> list[d
         ["-m", "ddpseed", "verify", "--json", *extra], nproc=nproc, timeout=240, env=env
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("DDPSEED_VERIFY "))
-    reports: list[dict] = json.loads(line.split(" ", 1)[1])  # type: ignore[type-arg]
-    return reports
+    return parse_verify(proc.stdout)
 
 
 def test_torchrun_four_ranks_agree_and_shard_like_torch() -> None:

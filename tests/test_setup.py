@@ -19,19 +19,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 import ddpseed
 from ddpseed import seeding
 from ddpseed.topology import Topology
+from helpers.ranks import without_launcher
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith(("DDPSEED_", "SLURM_", "TORCHELASTIC_")) or name in (
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "LOCAL_WORLD_SIZE",
-            "GROUP_RANK",
-        ):
-            monkeypatch.delenv(name)
+    for name in set(os.environ) - set(without_launcher(os.environ)):
+        monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 

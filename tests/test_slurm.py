@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from ddpseed.topology import SlurmEnvironment
-from helpers.ranks import free_port
+from helpers.ranks import free_port, parse_verify, without_launcher
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
@@ -43,13 +43,6 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged")
 INSTALL_LOCK = Path(tempfile.gettempdir()) / "ddpseed-test-slurm-install.lock"
-# Variables the launch scripts read: the job inherits the submitter's environment, so only the
-# values a test passes may reach it.
-LAUNCHER_VARS = (
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-    "MASTER_PORT", "NNODES", "NPROC_PER_NODE", "NODE_RANK", "RDZV", "RUN_ID", "LOCAL_ADDR",
-    "RDZV_IS_HOST", "TORCHRUN_SH", "TORCHRUN_EXTRA_ARGS", "DRY_RUN", "PYTHONHASHSEED", "PYTHON",
-)  # fmt: skip
 TERMINAL = {
     "COMPLETED",
     "FAILED",
@@ -140,12 +133,8 @@ class SlurmCluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         """A client environment for this cluster (and nothing of an enclosing job)."""
-        keep = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "SRUN_", "SBATCH_", "DDPSEED_", "TORCHELASTIC_"))
-            and k not in LAUNCHER_VARS
-        }
+        # the job inherits the submitter's environment: only what a test passes may reach it
+        keep = without_launcher(os.environ)
         keep["SLURM_CONF"] = str(self.conf)
         keep["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), keep.get("PYTHONPATH")]))
         keep["PYTHONUNBUFFERED"] = "1"
@@ -363,11 +352,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 
 
 def _verify(job: Job) -> list[dict]:
-    found = [line for line in job.output.splitlines() if "DDPSEED_VERIFY " in line]
-    assert len(found) == 1, (
-        f"job {job.job_id} ({job.state}) printed no report:\n{job.output[-6000:]}"
-    )
-    return sorted(json.loads(found[0].split("DDPSEED_VERIFY ", 1)[1]), key=lambda r: r["rank"])
+    return parse_verify(job.output, f"job {job.job_id} ({job.state})")
 
 
 def test_srun_sbatch_two_nodes(slurm, verify_command, verify_checker, free_port):

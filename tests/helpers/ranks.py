@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -12,20 +13,45 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-_DROP_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "TORCHELASTIC_", "DDPSEED_")
-_DROP = {
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_WORLD_SIZE",
-    "PYTHONHASHSEED",
-}
+# Variables a launcher sets or ddpseed's launch scripts read: a test's child processes see only
+# the ones the test itself passes (the suite may itself run inside torchrun, Slurm or a job).
+LAUNCHER_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "TORCHELASTIC_", "DDPSEED_")
+LAUNCHER_VARS = frozenset(
+    {
+        *("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
+        *("GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"),
+        *("NODE_RANK", "NNODES", "NPROC_PER_NODE", "RDZV", "RUN_ID", "LOCAL_ADDR"),
+        *("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "RDZV_IS_HOST", "TORCHRUN_EXTRA_ARGS"),
+        *("TORCHRUN_SH", "DRY_RUN", "PYTHONHASHSEED", "PYTHON"),
+    }
+)
+
+
+def without_launcher(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the variables named by LAUNCHER_VARS and LAUNCHER_PREFIXES."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)
+    }
+
+
+VERIFY_MARKER = "DDPSEED_VERIFY "
+
+
+def parse_verify(output: str, what: str = "the job") -> list[dict[str, Any]]:
+    """The per-rank reports of the ``DDPSEED_VERIFY <json>`` line rank 0 of ``ddpseed verify
+    --json`` printed, by rank."""
+    found = [line for line in output.splitlines() if VERIFY_MARKER in line]
+    assert len(found) == 1, (
+        f"{what}: expected one {VERIFY_MARKER.strip()} line, got {len(found)}:\n{output[-6000:]}"
+    )
+    reports = json.loads(found[0].split(VERIFY_MARKER, 1)[1])
+    assert isinstance(reports, list), reports
+    return sorted(reports, key=lambda r: int(r["rank"]))
 
 
 def free_port() -> int:
@@ -36,9 +62,7 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith(_DROP_PREFIXES)
-    }
+    env = without_launcher(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
