@@ -445,7 +445,9 @@ def setup(
             chosen_dir,
         )
     if agreement.source == Source.ENTROPY:
-        log.warning(
+        # Once per job, not once per rank: rank 0 warns, the others note it at INFO.
+        log.log(
+            logging.WARNING if topo.rank == 0 else logging.INFO,
             "base seed %d drawn from OS entropy; replay this run with DDPSEED_SEED=%d",
             agreement.base_seed,
             agreement.base_seed,

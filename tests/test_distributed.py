@@ -38,10 +38,16 @@ def test_torchrun_four_ranks_agree_and_shard_like_torch() -> None:
     assert set().union(*shards) == set(range(64)) and sum(map(len, shards)) == 64
 
 
-def test_torchrun_entropy_seed_is_shared() -> None:
-    reports = verify(2, "--num-workers", "0")
+def test_torchrun_entropy_seed_is_shared_and_announced_once() -> None:
+    cmd = ["-m", "ddpseed", "verify", "--json", "--num-workers", "0"]
+    proc = torchrun(cmd, nproc=2, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = parse_verify(proc.stdout)
     assert len({r["base_seed"] for r in reports}) == 1
     assert reports[0]["seed_source"] == "entropy"
+    # rank 0 alone prints the replay hint, so a 1000-rank job does not print it 1000 times
+    hint = f"replay this run with DDPSEED_SEED={reports[0]['base_seed']}"
+    assert proc.stderr.count(hint) == 1, proc.stderr[-4000:]
 
 
 def test_torchrun_environment_seed() -> None:
