@@ -248,11 +248,7 @@ def sampler_child(kind: str, n: int) -> Result:
     """Time one full pass over rank 0's shard; runs in a fresh process."""
     import gc
 
-    from torch.utils.data import DistributedSampler  # noqa: F401  (imports before baseline)
-
-    from . import sampler, scalable  # noqa: F401
-
-    make = _sampler_factory(kind, n)
+    make = _sampler_factory(kind, n)  # imports the sampler's modules before the baseline
     gc.collect()
     rss = PeakRSS()
     rss.start()

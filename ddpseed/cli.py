@@ -277,18 +277,15 @@ def _torchrun(nproc: int, out_file: Path, extra: list[str], timeout: float) -> d
 
 
 def _stop_session(proc: subprocess.Popen[str], grace: float = 10.0) -> None:
-    """SIGTERM the session ``proc`` leads (torchrun forwards it to its ranks), then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace)
-            # the leader is gone; anything left in its session goes now
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the session ``proc`` leads (torchrun forwards it to its ranks), then SIGKILL
+    whatever is left of it once the leader is gone or ``grace`` seconds have passed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

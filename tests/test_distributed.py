@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 import ddpseed
-from helpers.ranks import clean_env, free_port, parse_verify, torchrun
+from helpers.ranks import clean_env, free_port, parse_verify, processes_carrying, torchrun
 
 
 def verify(nproc: int, *extra: str, env: dict[str, str] | None = None) -> list[dict]:  # type: ignore[type-arg]
@@ -112,18 +112,6 @@ def test_demo_ends_with_identical_weights() -> None:
     assert "from entropy" in proc.stdout
 
 
-def _processes_with(token: str) -> list[int]:
-    """Pids whose environment carries ``token`` (everything a test's command started)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and token.encode() in (proc / "environ").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_demo_timeout_stops_every_process_and_says_so() -> None:
     token = f"ddpseed-demo-timeout-{uuid.uuid4().hex}"
     proc = subprocess.run(
@@ -136,7 +124,7 @@ def test_demo_timeout_stops_every_process_and_says_so() -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "did not finish within --timeout=2s; its processes were stopped" in proc.stderr
     assert "Traceback" not in proc.stderr.split("Last output:")[0]
-    assert _processes_with(token) == []
+    assert processes_carrying(token) == []
 
 
 def test_env_command_reports_torchrun_topology() -> None:

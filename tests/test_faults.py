@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.ranks import RankResult, run_ranks
+from helpers.ranks import RankResult, processes_carrying, run_ranks
 
 SCRIPT = Path(__file__).parent / "helpers" / "fault_rank.py"
 TIMEOUT = 20.0
@@ -25,19 +25,6 @@ TIMEOUT = 20.0
 # the absent-rank diagnostics' grace); HANG_CAP only stops a hung case from stalling the suite.
 BOUND_MARGIN = 15.0
 HANG_CAP = TIMEOUT + 90.0
-
-
-def stray_processes(token: str) -> list[int]:
-    """Pids whose command line carries this case's token (the rank processes it started)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if token.encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
 
 
 def run(world: int, fault: str = "none", fault_rank: int = -1, **kw: object) -> list[RankResult]:
@@ -56,7 +43,7 @@ def run(world: int, fault: str = "none", fault_rank: int = -1, **kw: object) -> 
         args=[token],
         **kw,  # type: ignore[arg-type]
     )
-    assert stray_processes(token) == [], "a rank process outlived its case"
+    assert processes_carrying(token) == [], "a rank process outlived its case"
     for r in results:
         assert "test harness" not in r.stderr, f"rank {r.rank} hung:\n{r.stderr[-2000:]}"
         for line in r.stderr.splitlines():

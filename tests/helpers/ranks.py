@@ -54,6 +54,20 @@ def parse_verify(output: str, what: str = "the job") -> list[dict[str, Any]]:
     return sorted(reports, key=lambda r: int(r["rank"]))
 
 
+def processes_carrying(token: str) -> list[int]:
+    """Pids whose command line or environment holds ``token`` (what one test case started)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(token.encode() in (proc / f).read_bytes() for f in ("cmdline", "environ")):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the kernel's choice for port 0)."""
     with socket.socket() as sock:
