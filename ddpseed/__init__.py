@@ -5,8 +5,16 @@
 >>> loader = plan.dataloader(dataset, batch_size=32, num_workers=4)   # doctest: +SKIP
 """
 
-from .derivation import SeedTable, process_seed, seed_table, validate_seed, worker_seed
+from .derivation import (
+    SeedTable,
+    process_seed,
+    seed_table,
+    validate_seed,
+    worker_info_seed,
+    worker_seed,
+)
 from .errors import (
+    AgreementError,
     CoordinationError,
     DDPSeedError,
     SeedMismatchError,
@@ -14,6 +22,7 @@ from .errors import (
     StateError,
     TopologyError,
 )
+from .loader import SeededDataLoader
 from .plan import SeedPlan, setup, topology
 from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
@@ -24,6 +33,7 @@ from .workers import WorkerInitFn
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgreementError",
     "CoordinationError",
     "DDPSeedError",
     "ScalableDistributedSampler",
@@ -31,6 +41,7 @@ __all__ = [
     "SeedPlan",
     "SeedTable",
     "SeedValueError",
+    "SeededDataLoader",
     "SeededDistributedSampler",
     "StateError",
     "Topology",
@@ -44,5 +55,6 @@ __all__ = [
     "setup",
     "topology",
     "validate_seed",
+    "worker_info_seed",
     "worker_seed",
 ]

@@ -624,20 +624,20 @@ def setup_child(repeats: int) -> Result | None:
     import torch.distributed as dist
 
     import ddpseed
-    from ddpseed.coordinator import _WIDTH
+    from ddpseed.collective import ROWROW_WIDTH
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     start = time.perf_counter()
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     init = time.perf_counter() - start
     log = CollectiveLog(dist)
-    record = torch.zeros(_WIDTH, dtype=torch.int64)
+    record = torch.zeros(ROW_WIDTH, dtype=torch.int64)
 
     def bare_broadcast() -> None:
         dist.broadcast(torch.tensor([SETUP_SEED], dtype=torch.int64), src=0)
 
     def two_rounds() -> None:
-        table = torch.empty((world, _WIDTH), dtype=torch.int64)
+        table = torch.empty((world, ROW_WIDTH), dtype=torch.int64)
         dist.gather(record, list(table) if rank == 0 else None, dst=0)
         dist.broadcast(table, src=0)
 

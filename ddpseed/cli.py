@@ -154,11 +154,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.num_workers:
         loader = plan.dataloader(
             _WorkerSeeds(4 * args.num_workers),
-            batch_size=None,
+            batch_size=1,
             num_workers=args.num_workers,
             shuffle=False,
         )
-        seen = {int(w): int(s) for w, s in loader}
+        seen: dict[int, int] = {}
+        for w, s in loader:  # the first batch of each worker is drawn with its worker seed
+            seen.setdefault(int(w), int(s))
         report["worker_seeds"] = {str(w): s for w, s in sorted(seen.items())}
         report["expected_worker_seeds"] = {
             str(w): plan.worker_seed(w, args.num_workers) for w in range(args.num_workers)

@@ -1,18 +1,15 @@
 """Bring up ``torch.distributed`` and make every rank agree on one base seed.
 
-Agreement gathers a fixed-size int64 record from every rank to rank 0, then broadcasts the
-table: one collective round more than a bare broadcast of rank 0's seed. Each rank contributes
-its own explicit seed (or the error it hit validating it), so every rank sees every other rank's
-input and reaches the same verdict. A rank with a bad value therefore fails *with* its peers
-instead of leaving them blocked in a collective until a watchdog fires. (gloo's all_gather and
-all_reduce would do it in one call, but as rings of ``world_size - 1`` sequential hops they
-measured 2-6x slower than gather + broadcast at 4-32 ranks.)
+Every rank sends one :class:`Proposal` (its explicit seed or the error it hit validating it,
+its scheme, deterministic flag and run directory); :func:`decide` is the pure verdict every
+rank reaches from the same table of records, so a rank with a bad value fails *with* its peers
+instead of leaving them blocked in a collective until a watchdog fires. The records travel in
+one :func:`ddpseed.collective.exchange` (a gather to rank 0 and a broadcast of the table).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import dataclasses
 import logging
 import os
 import socket
@@ -21,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import IntEnum
-from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore  # type: ignore[attr-defined]
 from torch.distributed.rendezvous import rendezvous
 
+from .collective import call_id, exchange, ranks_text
+from .derivation import SCHEMES
 from .errors import (
     CoordinationError,
     SeedMismatchError,
@@ -39,16 +36,6 @@ from .errors import (
 from .topology import Topology
 
 log = logging.getLogger(__name__)
-
-_MAGIC = 0xDD5EED01
-_HEADER = 10
-_TEXT_BYTES = 256
-_WIDTH = _HEADER + _TEXT_BYTES // 8
-# Record field 1: what the rank brings.
-_NO_SEED, _SEED, _ERROR = 0, 1, 2
-# Record field 8: the rank's run directory (bits); field 9: a hash of its path.
-_HAS_DIR, _EXPLICIT_DIR = 1, 2
-_generation = 0
 
 
 class Source(IntEnum):
@@ -71,17 +58,42 @@ class Source(IntEnum):
 
 @dataclass(frozen=True)
 class Proposal:
-    """What one rank brings to the agreement."""
+    """What one rank brings to the agreement; every field travels as one int64 (None as -1)."""
 
     source: Source = Source.NONE
     seed: int | None = None
-    error: str | None = None  # this rank's validation error, shown on every rank
-    fallback: int | None = (
-        None  # rank 0 only: the record or fresh entropy used if nobody is explicit
-    )
+    fallback: int | None = None  # rank 0 only: the record or fresh entropy if nobody is explicit
     fallback_source: Source = Source.NONE
-    run_dir: str | None = None  # where this rank would keep the run record
+    world_size: int = 1
+    run_dir: int = 0  # path_id of this rank's run directory, 0 for none
     explicit_dir: bool = False  # run_dir= or DDPSEED_RUN_DIR, not derived from a job id
+    scheme: int = 0  # index into derivation.SCHEMES
+    deterministic: bool = False
+    error: str | None = None  # this rank's validation error, shown on every rank
+
+    def values(self) -> tuple[int, ...]:
+        return tuple(
+            -1 if (v := getattr(self, f.name)) is None else int(v)
+            for f in dataclasses.fields(self)
+            if f.name != "error"
+        )
+
+    @classmethod
+    def from_values(cls, values: Sequence[int], error: str | None = None) -> Proposal:
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "error"]
+        raw = dict(zip(names, values, strict=True))
+        return cls(
+            source=Source(raw["source"]),
+            seed=None if raw["seed"] < 0 else raw["seed"],
+            fallback=None if raw["fallback"] < 0 else raw["fallback"],
+            fallback_source=Source(raw["fallback_source"]),
+            world_size=raw["world_size"],
+            run_dir=raw["run_dir"],
+            explicit_dir=bool(raw["explicit_dir"]),
+            scheme=raw["scheme"],
+            deterministic=bool(raw["deterministic"]),
+            error=error,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,85 +106,57 @@ class Agreement:
     other_run_dir: tuple[int, ...] = ()
 
 
-def _path_hash(path: str | None) -> int:
-    """A stable signed 64-bit hash of a path (0 for none).
+def path_id(path: str | None) -> int:
+    """A stable nonzero 64-bit id of a path (0 for none).
 
-    >>> _path_hash(None), _path_hash("/runs/a") == _path_hash("/runs/a")
+    >>> path_id(None), path_id("/runs/a") == path_id("/runs/a") != 0
     (0, True)
     """
-    if path is None:
-        return 0
-    return int.from_bytes(
-        hashlib.blake2b(path.encode(), digest_size=8).digest(), "big", signed=True
-    )
+    return 0 if path is None else (call_id(path) or 1)
 
 
-def _encode(p: Proposal, world_size: int) -> torch.Tensor:
-    text = (p.error or "").encode()[:_TEXT_BYTES]
-    header = [
-        _MAGIC,
-        _ERROR if p.error else (_SEED if p.seed is not None else _NO_SEED),
-        int(p.source),
-        p.seed if p.seed is not None else -1,
-        p.fallback if p.fallback is not None else -1,
-        int(p.fallback_source),
-        world_size,
-        len(text),
-        (_HAS_DIR if p.run_dir is not None else 0) | (_EXPLICIT_DIR if p.explicit_dir else 0),
-        _path_hash(p.run_dir),
-    ]
-    packed = np.frombuffer(text.ljust(_TEXT_BYTES, b"\0"), dtype=np.int64)
-    return torch.from_numpy(np.concatenate([np.array(header, dtype=np.int64), packed]))
+def _groups(values: Sequence[object]) -> str:
+    by_value: dict[str, list[int]] = {}
+    for rank, value in enumerate(values):
+        by_value.setdefault(repr(value), []).append(rank)
+    return "; ".join(f"{v} on ranks {ranks_text(rs)}" for v, rs in by_value.items())
 
 
-def _decode_text(row: Sequence[int]) -> str:
-    raw = np.array(row[_HEADER:], dtype=np.int64).tobytes()
-    return raw[: int(row[7])].decode(errors="replace")
+def decide(records: Sequence[Proposal]) -> Agreement:
+    """The verdict every rank reaches from the same records (pure; raises on conflict).
 
-
-def ranks_text(ranks: Sequence[int]) -> str:
-    """Compact rank list: ``ranks_text([0, 1, 2, 5])`` is ``'0-2,5'``."""
-    parts: list[str] = []
-    items = sorted(ranks)
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-def decide(table: torch.Tensor, world_size: int) -> Agreement:
-    """The verdict every rank reaches from the gathered records (pure; raises on conflict)."""
-    rows: list[list[int]] = table.tolist()  # one conversion; per-element tensor access is slow
-    odd = [r for r, row in enumerate(rows) if row[0] != _MAGIC]
-    if odd:
-        raise CoordinationError(
-            f"ranks {ranks_text(odd)} sent something other than a ddpseed seed record: another "
-            "collective is running concurrently on the default group; call ddpseed.setup at "
-            "the same point of the script on every rank"
-        )
-    sizes = {row[6] for row in rows}
-    if sizes != {world_size}:
+    >>> decide([Proposal(Source.ARGUMENT, 7, world_size=2)] * 2).base_seed
+    7
+    """
+    world_size = len(records)
+    if {r.world_size for r in records} != {world_size}:
         raise TopologyError(
-            f"ranks disagree on the world size ({sorted(sizes)}); every rank must come from "
-            "the same launch"
+            f"ranks disagree on the world size ({_groups([r.world_size for r in records])}); "
+            "every rank must come from the same launch"
         )
-    errors = [(r, _decode_text(row)) for r, row in enumerate(rows) if row[1] == _ERROR]
+    errors = [(rank, r.error) for rank, r in enumerate(records) if r.error]
     if errors:
-        lines = "\n".join(f"  rank {r}: {msg}" for r, msg in errors)
+        lines = "\n".join(f"  rank {rank}: {msg}" for rank, msg in errors)
         raise SeedValueError(
             f"invalid seed on {len(errors)} of {world_size} ranks; no rank was seeded:\n{lines}"
         )
+    for what, fix in (
+        ("scheme", "pass the same scheme= to setup() on every rank"),
+        ("deterministic", "pass the same deterministic= (or DDPSEED_DETERMINISTIC) everywhere"),
+    ):
+        seen = [getattr(r, what) for r in records]
+        if len(set(seen)) > 1:
+            shown = [SCHEMES[s] for s in seen] if what == "scheme" else seen
+            raise SeedMismatchError(
+                f"ranks were given different {what} settings: {_groups(shown)}; {fix}"
+            )
     explicit: dict[tuple[int, Source], list[int]] = {}
     missing: list[int] = []
-    for r, row in enumerate(rows):
-        if row[1] == _SEED:
-            explicit.setdefault((row[3], Source(row[2])), []).append(r)
+    for rank, r in enumerate(records):
+        if r.seed is not None:
+            explicit.setdefault((r.seed, r.source), []).append(rank)
         else:
-            missing.append(r)
+            missing.append(rank)
     if explicit and (missing or len({seed for seed, _ in explicit}) > 1):
         groups = [
             f"  seed {seed} (from {src.label}) on ranks {ranks_text(rs)}"
@@ -186,106 +170,40 @@ def decide(table: torch.Tensor, world_size: int) -> Agreement:
             + "\nfix: pass the same seed= on every rank, or set DDPSEED_SEED identically on "
             "every node (or unset it everywhere to draw one on rank 0)"
         )
+    first = records[0]
     if explicit:
         (seed, src), _ = next(iter(explicit.items()))
+    elif first.fallback is not None:
+        seed, src = first.fallback, first.fallback_source
     else:
-        seed, src = rows[0][4], Source(rows[0][5])
-        if seed < 0:
-            raise CoordinationError("rank 0 sent no seed; this is a ddpseed bug, please report it")
+        raise CoordinationError("rank 0 sent no seed; this is a ddpseed bug, please report it")
     # An explicit directory always gets the record and manifest; a job-id one only when the
     # seed needs remembering (drawn from entropy, or already taken from a record).
-    flags = rows[0][8]
-    record = bool(flags & _HAS_DIR) and (
-        bool(flags & _EXPLICIT_DIR) or src in (Source.ENTROPY, Source.RECORD)
-    )
-    other = tuple(r for r, row in enumerate(rows) if row[9] != rows[0][9])
+    record = bool(first.run_dir) and (first.explicit_dir or src in (Source.ENTROPY, Source.RECORD))
+    other = tuple(rank for rank, r in enumerate(records) if r.run_dir != first.run_dir)
     return Agreement(seed, src, record, other)
 
 
-def _default_store() -> Any:
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        return _get_default_store()
-    except Exception:  # diagnostics only: a private API may move between torch releases
-        return None
-
-
-def _absent_ranks(key: str, topo: Topology, timeout: float) -> list[int] | None:
-    """After a failed agreement: the ranks that never reached it, or None if unknown.
-
-    Only the failure path touches the store, so a healthy setup costs no extra round trip.
-    Rank 0 (which hosts the store) waits a short grace for the live ranks' marks, publishes
-    one verdict, and stays until they have read it, so every rank names the same ranks.
-    """
-    store = _default_store()
-    if store is None or topo.world_size > 4096:
-        return None
-    grace = timedelta(seconds=min(5.0, max(1.0, timeout / 4)))
-    marks = [f"{key}/{r}" for r in range(topo.world_size)]
-    verdict = f"{key}/verdict"
-    try:
-        store.set(marks[topo.rank], "1")
-        if topo.rank == 0:
-            with contextlib.suppress(Exception):  # timing out here is the expected outcome
-                store.wait(marks, grace)
-            absent = [r for r, k in enumerate(marks) if not store.check([k])]
-            store.set(verdict, ",".join(map(str, absent)))
-            acks = [f"{key}/ack/{r}" for r in range(1, topo.world_size) if r not in absent]
-            with contextlib.suppress(Exception):
-                store.wait(acks, grace)
-            return absent
-        store.wait([verdict], grace * 3)
-        text = store.get(verdict).decode()
-        store.set(f"{key}/ack/{topo.rank}", "1")
-        return [int(r) for r in text.split(",") if r]
-    except Exception:  # the store lives on rank 0's host; it may be the thing that died
-        return None
-
-
-def _gather(row: torch.Tensor, world_size: int, timeout: float) -> torch.Tensor:
-    """All ranks' ``row``, stacked on the CPU; bounded by ``timeout`` whatever the group's own."""
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
-    table = torch.empty((world_size, row.numel()), dtype=row.dtype, device=device)
-    slots = [table[r] for r in range(world_size)] if dist.get_rank() == 0 else None
-    _wait(dist.gather(row.to(device), slots, dst=0, async_op=True), timeout)
-    _wait(dist.broadcast(table, src=0, async_op=True), timeout)
-    return table.cpu()
-
-
-def _wait(work: Any, timeout: float) -> None:
-    assert work is not None
-    work.wait(timeout=timedelta(seconds=timeout))
-
-
 def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
-    """Gather every rank's proposal and return the common verdict (raises on every rank)."""
-    if not topo.is_distributed:
-        return decide(_encode(proposal, 1).unsqueeze(0), 1)
-    global _generation
-    _generation += 1
-    key = f"ddpseed/agree/{_generation}"
-    try:
-        rows = _gather(_encode(proposal, topo.world_size), topo.world_size, timeout)
-    except Exception as exc:
-        absent = _absent_ranks(key, topo, timeout)
-        who = (
-            f"rank{'s' if len(absent) > 1 else ''} {ranks_text(absent)} never reached it"
-            if absent
-            else "a peer failed or disconnected during it"
-        )
-        raise CoordinationError(
-            f"rank {topo.rank} on {socket.gethostname()}: seed agreement over "
-            f"{topo.world_size} ranks did not complete within {timeout:g}s: {who}. "
-            f"Look for the first error in those ranks' logs; a rank that crashed or was "
-            f"killed before ddpseed.setup stops the whole job. ({type(exc).__name__}: "
-            f"{first_line(exc)})" + loopback_hint(topo)
-        ) from exc
-    return decide(rows, topo.world_size)
+    """Exchange every rank's record and return the common verdict (raises on every rank)."""
+    hint = (
+        "A rank that crashed or was killed before ddpseed.setup stops the whole job."
+        + loopback_hint(topo)
+    )
+    reports = exchange(
+        "seed agreement (ddpseed.setup)",
+        proposal.values(),
+        proposal.error,
+        topo,
+        timeout,
+        hint=hint,
+    )
+    return decide(
+        [
+            Proposal.from_values(values, reports.messages.get(rank))
+            for rank, values in enumerate(reports.values)
+        ]
+    )
 
 
 def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -> list[str]:
@@ -293,17 +211,7 @@ def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -
 
     Returns ``["rank r: message", ...]`` for the ranks that failed; empty when all succeeded.
     """
-    if not topo.is_distributed or not dist.is_initialized():
-        return [f"rank {topo.rank}: {error}"] if error else []
-    try:
-        rows = _gather(_encode(Proposal(error=error), topo.world_size), topo.world_size, timeout)
-    except Exception as exc:
-        raise CoordinationError(
-            f"rank {topo.rank}: ranks did not all report on {what} within {timeout:g}s "
-            f"({type(exc).__name__}); look for the first error in the other ranks' logs"
-        ) from exc
-    table: list[list[int]] = rows.tolist()
-    return [f"rank {r}: {_decode_text(row)}" for r, row in enumerate(table) if row[1] == _ERROR]
+    return exchange(what, (), error, topo, timeout).lines()
 
 
 def ensure_process_group(topo: Topology, backend: str | None, timeout: float) -> bool:

@@ -236,3 +236,26 @@ def batch_seed(worker_seed_value: int, ordinal: int) -> int:
         return worker_seed_value
     seq = np.random.SeedSequence(worker_seed_value, spawn_key=(2, ordinal))
     return int(seq.generate_state(1, dtype=np.uint32)[0])
+
+
+def loader_seed(base: int, rank: int, epoch: int) -> int:
+    """The seed of a ddpseed loader's ``generator`` when it starts a pass in ``epoch``.
+
+    torch draws the workers' base seed from that generator, so ``get_worker_info().seed`` is
+    :func:`worker_info_seed`: a pure function of (base, rank, epoch, worker), new each epoch.
+
+    >>> loader_seed(1, 0, 0) != loader_seed(1, 0, 1) != loader_seed(1, 1, 1)
+    True
+    """
+    _check_nonneg(base=base, rank=rank, epoch=epoch)
+    seq = np.random.SeedSequence(base, spawn_key=(3, rank, epoch))
+    return int(seq.generate_state(1, dtype=np.uint64)[0])
+
+
+def worker_info_seed(base: int, rank: int, epoch: int, worker_id: int) -> int:
+    """``get_worker_info().seed`` in worker ``worker_id`` of a ddpseed loader in ``epoch``:
+    torch's first int64 draw from a generator seeded with :func:`loader_seed`, plus the id."""
+    import torch  # only here: the rest of this module is plain arithmetic
+
+    gen = torch.Generator().manual_seed(loader_seed(base, rank, epoch))
+    return int(torch.empty((), dtype=torch.int64).random_(generator=gen).item()) + worker_id

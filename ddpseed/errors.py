@@ -18,7 +18,11 @@ class TopologyError(DDPSeedError):
     """Launcher variables that contradict each other or the machine."""
 
 
-class SeedMismatchError(DDPSeedError):
+class AgreementError(DDPSeedError):
+    """Ranks disagree on something that must be the same on every rank (dataset, epoch...)."""
+
+
+class SeedMismatchError(AgreementError):
     """Ranks were given different explicit seeds (or only some ranks were given one)."""
 
 

@@ -1,78 +1,277 @@
-"""A DataLoader that knows how many samples it has handed to the user.
+"""The loader ``plan.dataloader()`` returns: torch's DataLoader that owns its epoch and position.
 
-The position counts samples *returned by the iterator*, not samples prefetched by workers, so
-a checkpoint taken after step k resumes at the first sample of step k + 1.
+It keeps torch's contract (``.dataset``, ``.sampler``, ``.batch_size``, ``.drop_last`` are what
+the user passed or would get from torch; ``loader.sampler.set_epoch(e)`` works) and adds
+torchdata's ``Stateful`` protocol: :meth:`~SeededDataLoader.state_dict` /
+:meth:`~SeededDataLoader.load_state_dict`.
+
+What one ``iter()`` does (the rule, in one place):
+
+- The epoch is the sampler's (``loader.set_epoch``, ``plan.set_epoch`` and
+  ``loader.sampler.set_epoch`` all set it). A new epoch starts at sample 0.
+- Every ``iter(loader)`` starts at the *restore point* of the epoch: 0, or the position a
+  ``load_state_dict`` restored. So a probe ``next(iter(loader))`` before the training loop does
+  not lose a restored position: the training loop's own ``iter()`` starts there again.
+- When a pass reaches the end of the shard (``StopIteration``), the restore point goes back to
+  0: the next ``iter()`` is a full new pass, as with torch (a validation loader evaluated again).
+- The position counts samples *handed to the caller* by the latest iterator, not samples
+  prefetched by workers, so a checkpoint taken after step k resumes at the first sample of
+  step k + 1. A state saved after the last batch but before ``StopIteration`` resumes with an
+  empty rest of the epoch; one saved after ``StopIteration`` resumes with a new pass (as
+  torchdata's ``StatefulDataLoader`` does).
+
+In a distributed job every ``iter()`` of a distributed loader is one small collective that
+checks that every rank iterates the same loader at the same epoch and position.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from .workers import ExactBatchSampler
+from .collective import call_id, disagreement, exchange
+from .derivation import loader_seed
+from .errors import AgreementError, StateError
+from .topology import Topology
+from .workers import SeededBatchSampler, WorkerInitFn
+
+# What a loader's state must match to continue it: state key -> how a message names it.
+CONTRACT = {
+    "dataset_length": "dataset length",
+    "batch_size": "batch size",
+    "drop_last": "drop_last",
+    "shuffle": "shuffle",
+    "num_workers": "num_workers",
+    "num_replicas": "shards (ranks)",
+    "shard_length": "shard length",
+}
+_FIXES = {
+    "num_workers": "per-batch worker seeds depend on the number of workers, so the resumed "
+    "batches would differ; resume with the saved num_workers",
+    "num_replicas": "resume with the saved number of ranks",
+}
+_ONLY_SOME_RANKS = (
+    "A loader that only some ranks iterate on purpose (evaluation on rank 0) needs "
+    "plan.dataloader(..., distributed=False)."
+)
 
 
-@dataclass
-class Progress:
-    """Samples of this rank's shard consumed in the current pass of one loader."""
-
-    position: int = 0
-    pending: int | None = None  # a restored position, applied by the next iteration
-
-
-class TrackedDataLoader(DataLoader[Any]):
-    """``torch.utils.data.DataLoader`` that tracks and can restore its data position."""
+class SeededDataLoader(DataLoader[Any]):
+    """``torch.utils.data.DataLoader`` over a seeded shard that owns its epoch and position."""
 
     def __init__(
-        self, *args: Any, shard_sampler: Any, seed: int, step_size: int, **kwargs: Any
+        self,
+        dataset: Any,
+        batch_size: int | None,
+        *,
+        sampler: Any,
+        drop_last: bool,
+        shuffle: bool,
+        seeds: WorkerInitFn,
+        name: str,
+        checks: Topology | None,
+        timeout: float,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self.shard_sampler = shard_sampler
-        # Samples per item yielded; torch's own batch_size is None under a batch_sampler.
-        self.step_size = step_size
-        self.progress = Progress()
-        self._seed = seed
+        workers = int(kwargs.get("num_workers", 0))
+        if batch_size is None and workers:
+            raise TypeError(
+                "plan.dataloader(batch_size=None, num_workers>0) cannot reseed workers per "
+                "batch, so it could not resume exactly; give a batch_size, or num_workers=0"
+            )
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            worker_init_fn=seeds,
+            generator=torch.Generator(),
+            **kwargs,
+        )
+        if batch_size is not None:
+            # torch made a plain BatchSampler over the same sampler; ours numbers batches from
+            # the sampler's seek and carries their seeds. torch guards the attribute against
+            # users swapping it mid-run, which is not what happens here.
+            object.__setattr__(
+                self,
+                "batch_sampler",
+                SeededBatchSampler(sampler, batch_size, drop_last, seeds, workers),
+            )
+        self.name = name
+        self._seeds = seeds
+        self._shuffle = shuffle
+        # The job whose ranks every iter() checks; None for a loader of this rank alone.
+        self._topology = checks
+        self._timeout = timeout
+        self._step = batch_size or 1
+        self._epoch = int(sampler.epoch)  # the epoch the progress below belongs to
+        self._resume_at = 0
+        self._position = 0
+        self._finished = False
+        self._passes = 0
+        self._latest: _Pass | None = None
+        self._warned = False
 
+    # -- epoch --------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select ``epoch`` (the same as ``loader.sampler.set_epoch(epoch)``)."""
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.sampler.epoch)  # type: ignore[attr-defined]
+
+    def _sync_epoch(self) -> None:
+        if self.epoch != self._epoch:
+            self._epoch = self.epoch
+            self._resume_at = self._position = self._passes = 0
+            self._finished = False
+            self._latest = None
+
+    # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        # torch draws the workers' base seed from this generator at each new iterator; making
-        # that draw a function of the seed alone keeps the global RNG untouched and restorable.
-        if isinstance(self.generator, torch.Generator):
-            self.generator.manual_seed(self._seed)
-        start = self.progress.pending or 0
-        self.progress.pending = None
-        self.progress.position = start
-        if start:
-            self.shard_sampler.seek(start)
-            if isinstance(self.batch_sampler, ExactBatchSampler):
-                self.batch_sampler.first_batch = start // self.step_size
-        return _Counting(super().__iter__(), self.progress, self.step_size, len(self.shard_sampler))
+        self._sync_epoch()
+        start = self._resume_at
+        self._check_ranks(start)
+        self.sampler.seek(start)  # type: ignore[attr-defined]
+        self._seeds.epoch = self._epoch
+        # torch draws the workers' base seed (get_worker_info().seed) from this generator:
+        # new each epoch and rank, a pure function of them, and the global RNG is not touched.
+        self.generator.manual_seed(
+            loader_seed(self._seeds.base_seed, self._seeds.rank, self._epoch)
+        )
+        self._position, self._finished = start, False
+        run = _Pass(super().__iter__(), self)
+        self._latest = run
+        return run
 
-    def state_dict(self) -> dict[str, int]:
-        position = self.progress.pending
+    def _check_ranks(self, start: int) -> None:
+        if self._topology is None:
+            return
+        reports = exchange(
+            f"iter(loader {self.name!r})",
+            (call_id(self.name), self._epoch, start),
+            None,
+            self._topology,
+            self._timeout,
+            hint=_ONLY_SOME_RANKS,
+        )
+        differs = disagreement(reports, ("loader", "epoch", "start position"))
+        if differs:
+            raise AgreementError(
+                f"rank {self._topology.rank}: ranks disagree at iter(loader {self.name!r}) "
+                f"(loader = a hash of its name):\n{differs}\nfix: iterate the same loaders in "
+                "the same order on every rank, call plan.set_epoch(epoch) with the same epoch "
+                "everywhere, and resume every rank from the same checkpoint"
+            )
+
+    def _advance(self, run: _Pass) -> None:
+        if run is self._latest:
+            self._position = min(self._position + self._step, len(self.sampler))  # type: ignore[arg-type]
+
+    def _end(self, run: _Pass) -> None:
+        if run is not self._latest:
+            return
+        self._finished, self._resume_at = True, 0
+        self._passes += 1
+        if self._passes == 2 and self._shuffle and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"loader {self.name!r} completed a second full pass in epoch {self._epoch}: "
+                "both passes saw the same order; call plan.set_epoch(epoch) (or "
+                "loader.set_epoch) before each epoch",
+                UserWarning,
+                stacklevel=3,  # _end <- _Pass.__next__ <- the caller's for loop
+            )
+
+    # -- Stateful -----------------------------------------------------------------------------
+    def contract(self) -> dict[str, int]:
+        """What a saved state must match to continue this loader (see :data:`CONTRACT`)."""
         return {
-            "position": self.progress.position if position is None else position,
-            "step": self.step_size,
-            "shard": len(self.shard_sampler),
+            "dataset_length": len(self.dataset),  # type: ignore[arg-type]
+            "batch_size": self.batch_size or 0,
+            "drop_last": int(self.drop_last),
+            "shuffle": int(self._shuffle),
+            "num_workers": self.num_workers,
+            "num_replicas": int(self.sampler.num_replicas),  # type: ignore[attr-defined]
+            "shard_length": len(self.sampler),  # type: ignore[arg-type]
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """This loader's epoch and position (torchdata's ``Stateful`` protocol)."""
+        self._sync_epoch()
+        return {
+            "name": self.name,
+            "epoch": self._epoch,
+            "position": self._position,
+            "finished": self._finished,
+            **self.contract(),
+        }
 
-class _Counting:
-    def __init__(self, inner: Iterator[Any], progress: Progress, step: int, shard: int) -> None:
+    def mismatch(self, state: dict[str, Any]) -> str:
+        """Why ``state`` cannot continue this loader ('' if it can); changes nothing."""
+        keys = ("epoch", "position", "finished", *CONTRACT)
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            return f"loader {self.name!r}: {found} is not a ddpseed loader state"
+        now = self.contract()
+        for key, label in CONTRACT.items():
+            if state[key] != now[key]:
+                fix = _FIXES.get(key, "resume with the same dataset and loader arguments")
+                return (
+                    f"loader {self.name!r} was saved with {label} {state[key]} but is now "
+                    f"{label} {now[key]}; {fix}"
+                )
+        if not (isinstance(state["epoch"], int) and state["epoch"] >= 0) or not (
+            isinstance(state["position"], int) and 0 <= state["position"] <= now["shard_length"]
+        ):
+            return (
+                f"loader {self.name!r}: saved epoch {state['epoch']!r} / position "
+                f"{state['position']!r} is outside this shard of {now['shard_length']}"
+            )
+        return ""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` at the next ``iter()``; raises :class:`StateError` (and
+        changes nothing) if it was saved by a loader this one cannot continue."""
+        problem = self.mismatch(state)
+        if problem:
+            raise StateError(f"{problem}. Nothing was restored")
+        self.set_epoch(int(state["epoch"]))
+        self._sync_epoch()
+        self._position, self._finished = int(state["position"]), bool(state["finished"])
+        self._resume_at = 0 if self._finished else self._position
+        self._passes = int(self._finished)
+        self._latest = None
+
+    def __repr__(self) -> str:
+        return (
+            f"SeededDataLoader(name={self.name!r}, epoch={self.epoch}, position={self._position}"
+            f", batch_size={self.batch_size}, num_workers={self.num_workers})"
+        )
+
+
+class _Pass:
+    """One pass over the shard: torch's iterator, counting what it hands to the caller."""
+
+    def __init__(self, inner: Iterator[Any], loader: SeededDataLoader) -> None:
         self._inner = inner
-        self._progress = progress
-        self._step = step
-        self._shard = shard
+        self._loader = loader
 
-    def __iter__(self) -> _Counting:
+    def __iter__(self) -> _Pass:
         return self
 
     def __next__(self) -> Any:
-        item = next(self._inner)
-        self._progress.position = min(self._progress.position + self._step, self._shard)
+        try:
+            item = next(self._inner)
+        except StopIteration:
+            self._loader._end(self)
+            raise
+        self._loader._advance(self)
         return item
 
     def __len__(self) -> int:

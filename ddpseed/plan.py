@@ -15,25 +15,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import IterableDataset, Sampler
 
 from . import coordinator
-from .coordinator import Proposal, Source
-from .derivation import Scheme, process_seed, rule, validate_seed, worker_seed
-from .errors import DDPSeedError, StateError
+from .collective import disagreement, exchange
+from .coordinator import Proposal, Source, path_id
+from .derivation import SCHEMES, Scheme, process_seed, rule, validate_seed, worker_seed
+from .errors import AgreementError, DDPSeedError, StateError
 from .files import atomic_write_json
-from .loader import TrackedDataLoader
+from .loader import CONTRACT, SeededDataLoader
+from .registry import LoaderRegistry
 from .rundir import MANIFEST_FILE, read_seed_record, resolve_run_dir, write_seed_record
 from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
-from .seeding import enable_determinism, local_cuda_device, seed_process
-from .state import FORMAT, capture_rngs, restore_rngs
+from .seeding import capture_rngs, enable_determinism, local_cuda_device, restore_rngs, seed_process
 from .topology import Topology, detect
-from .workers import ExactBatchSampler, ExactDataset, WorkerInitFn
+from .workers import WorkerInitFn
 
 log = logging.getLogger(__name__)
 # The local build suffix (+cpu, +cu124) does not change RNG streams; the release may.
-_TORCH_RELEASE = torch.__version__.split("+")[0]
+TORCH_RELEASE = torch.__version__.split("+")[0]
 
 ENV_SEED = "DDPSEED_SEED"
 ENV_DETERMINISTIC = "DDPSEED_DETERMINISTIC"
@@ -41,9 +42,10 @@ DEFAULT_TIMEOUT = 300.0
 
 
 class SeedPlan:
-    """Every seed of this rank, and the samplers and loaders that use them.
+    """Every seed of this rank, and factories for the samplers and loaders that use them.
 
-    Immutable apart from the epoch and the data position. Built by :func:`setup`.
+    A small value (base seed, topology, scheme) plus the epoch; each loader it makes owns its
+    own position (see :mod:`ddpseed.loader`). Built by :func:`setup`.
     """
 
     def __init__(
@@ -57,8 +59,12 @@ class SeedPlan:
         deterministic: tuple[str, ...] = (),
         run_dir: Path | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        collective: bool = True,
     ) -> None:
         self.timeout = timeout
+        # False: a plan made outside setup() to inspect one rank of a job without a process
+        # group; its samplers and loaders then make no collectives.
+        self._collective = collective
         self._base_seed = validate_seed(base_seed, source="base_seed")
         self._topology = topology
         self._source = source
@@ -68,10 +74,8 @@ class SeedPlan:
         self._run_dir = run_dir
         self._epoch = 0
         self._samplers: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._init_fns: weakref.WeakSet[WorkerInitFn] = weakref.WeakSet()
-        self._loaders: list[weakref.ref[TrackedDataLoader]] = []
-        self._pending_loaders: list[dict[str, Any]] = []
-        self._worker_init_fn = self._new_init_fn()
+        self._worker_init_fn = self._init_fn()
+        self._loaders = LoaderRegistry()
 
     # -- seeds ------------------------------------------------------------------------------
     @property
@@ -107,6 +111,10 @@ class SeedPlan:
         return self._run_dir
 
     @property
+    def cuda_device(self) -> int | None:
+        return self._cuda_device
+
+    @property
     def process_seed(self) -> int:
         return process_seed(self._base_seed, self.rank, scheme=self._scheme)
 
@@ -126,8 +134,8 @@ class SeedPlan:
             scheme=self._scheme,
         )
 
-    def _new_init_fn(self, then: Any = None) -> WorkerInitFn:
-        fn = WorkerInitFn(
+    def _init_fn(self, then: Any = None) -> WorkerInitFn:
+        return WorkerInitFn(
             self._base_seed,
             self.rank,
             self.world_size,
@@ -135,12 +143,10 @@ class SeedPlan:
             scheme=self._scheme,
             then=then,
         )
-        self._init_fns.add(fn)
-        return fn
 
     @property
     def worker_init_fn(self) -> WorkerInitFn:
-        """Picklable ``worker_init_fn`` seeding each worker with its worker seed."""
+        """Picklable ``worker_init_fn`` for your own DataLoader (follows ``set_epoch``)."""
         return self._worker_init_fn
 
     def generator(self) -> torch.Generator:
@@ -151,25 +157,41 @@ class SeedPlan:
 
     # -- data -------------------------------------------------------------------------------
     def sampler(
-        self, dataset: Any, shuffle: bool = True, drop_last: bool = False, *, scalable: bool = False
+        self,
+        dataset: Any,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        *,
+        scalable: bool = False,
+        distributed: bool = True,
     ) -> Sampler[int]:
         """This rank's shard of one permutation chosen by the shared base seed and the epoch.
 
         The default is torch's ``DistributedSampler`` order exactly; ``scalable=True`` gives
-        :class:`ddpseed.ScalableDistributedSampler` (O(1) memory, any N).
+        :class:`ddpseed.ScalableDistributedSampler` (O(1) memory, any N). In a distributed job
+        this is collective: every rank must pass a dataset of the same length.
+        ``distributed=False``: the whole dataset, for this rank alone (no collective).
         """
+        sampler = self._sampler(dataset, shuffle, drop_last, scalable, distributed)
+        if distributed and self._collective:
+            self._agree("plan.sampler()", {"dataset length": len(dataset)}, None)
+        self._samplers.add(sampler)
+        return sampler  # type: ignore[no-any-return]
+
+    def _sampler(
+        self, dataset: Any, shuffle: bool, drop_last: bool, scalable: bool, distributed: bool
+    ) -> Any:
         cls: Any = ScalableDistributedSampler if scalable else SeededDistributedSampler
         sampler = cls(
             dataset,
-            num_replicas=self.world_size,
-            rank=self.rank,
+            num_replicas=self.world_size if distributed else 1,
+            rank=self.rank if distributed else 0,
             shuffle=shuffle,
             seed=self._base_seed,
             drop_last=drop_last,
         )
         sampler.set_epoch(self._epoch)
-        self._samplers.add(sampler)
-        return sampler  # type: ignore[no-any-return]
+        return sampler
 
     def dataloader(
         self,
@@ -179,15 +201,19 @@ class SeedPlan:
         shuffle: bool = True,
         drop_last: bool = False,
         scalable: bool = False,
-        exact: bool = True,
+        name: str | None = None,
+        distributed: bool = True,
         **kwargs: Any,
-    ) -> DataLoader[Any]:
-        """A DataLoader over this rank's shard, with seeded workers and a tracked position.
+    ) -> SeededDataLoader:
+        """A DataLoader over this rank's shard, with seeded workers and an exact position.
 
-        ``drop_last`` drops the last partial batch (as in DataLoader); the sampler pads shards
-        to equal length as torch's does. ``exact`` (default) reseeds workers at each batch so a
-        resumed run reproduces in-flight batches bitwise; ``worker_init_fn`` you pass runs
-        after ddpseed's seeding. Other keyword arguments go to ``DataLoader``.
+        ``name`` identifies the loader in saved states (default: ``"loader<k>"``, k counting
+        every loader this plan made, dropped ones included). In a distributed job, making the
+        loader and each ``iter()`` are collective: every rank must make and iterate it, with
+        the same dataset length, batch size, drop_last, shuffle and num_workers.
+        ``distributed=False``: a loader over the whole dataset for this rank alone (evaluation
+        on rank 0), with no collectives. ``worker_init_fn`` you pass runs after ddpseed's
+        seeding; other keyword arguments go to ``DataLoader``.
         """
         for banned in ("sampler", "batch_sampler", "generator"):
             if banned in kwargs:
@@ -195,47 +221,86 @@ class SeedPlan:
                     f"plan.dataloader() chooses the {banned} itself; build your own DataLoader "
                     f"with plan.sampler(), plan.generator() and plan.worker_init_fn instead"
                 )
-        sampler = self.sampler(dataset, shuffle=shuffle, scalable=scalable)
-        init_fn = self._new_init_fn(kwargs.pop("worker_init_fn", None))
-        workers = int(kwargs.get("num_workers", 0))
-        loader_kwargs: dict[str, Any] = {"worker_init_fn": init_fn, **kwargs}
-        if exact and batch_size is not None and workers > 0:
-            loader_kwargs["batch_sampler"] = ExactBatchSampler(sampler, batch_size, drop_last)
-            data: Any = ExactDataset(dataset, init_fn)
-        else:
-            loader_kwargs.update(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
-            data = dataset
-        loader = TrackedDataLoader(
-            data,
-            shard_sampler=sampler,
-            seed=self.process_seed,
-            step_size=batch_size or 1,
-            generator=self.generator(),
-            **loader_kwargs,
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"plan.dataloader() needs a map-style dataset (__getitem__ and __len__), got "
+                f"the IterableDataset {type(dataset).__name__}: an iterable dataset shards and "
+                "seeds itself, so ddpseed cannot give it a position to resume from. Use "
+                "torch's DataLoader with plan.worker_init_fn and plan.generator(), and shard "
+                "by rank inside the dataset"
+            )
+        name = self._loaders.new_name(name)
+        loader = SeededDataLoader(
+            dataset,
+            batch_size,
+            sampler=self._sampler(dataset, shuffle, drop_last, scalable, distributed),
+            drop_last=drop_last,
+            shuffle=shuffle,
+            seeds=self._init_fn(kwargs.pop("worker_init_fn", None)),
+            name=name,
+            checks=self._topology if distributed and self._collective else None,
+            timeout=self.timeout,
+            **kwargs,
         )
-        index = len(self._loaders)
-        self._loaders.append(weakref.ref(loader))
-        if index < len(self._pending_loaders):
-            self._restore_loader(loader, self._pending_loaders[index], index)
+        saved = self._loaders.pending_for(name, self._epoch)
+        problem = loader.mismatch(saved) if saved is not None else ""
+        contract = {CONTRACT[k]: v for k, v in loader.contract().items()}
+        if distributed and self._collective:
+            self._agree(f"plan.dataloader(name={name!r})", contract, problem or None)
+        elif problem:
+            self._undo_restore([f"rank {self.rank}: {problem}"])
+        if saved is not None:
+            loader.load_state_dict(saved)
+        self._loaders.add(loader)
         return loader
 
+    def _agree(self, what: str, fields: dict[str, int], problem: str | None) -> None:
+        """One collective: every rank's ``fields`` must match, and no rank may have a problem."""
+        reports = exchange(
+            what,
+            list(fields.values()),
+            problem,
+            self._topology,
+            self.timeout,
+            hint="Every rank must make it; for a loader of one rank alone pass distributed=False.",
+        )
+        if reports.messages:
+            self._undo_restore(reports.lines())
+        differs = disagreement(reports, list(fields))
+        if differs:
+            raise AgreementError(
+                f"rank {self.rank}: ranks disagree on {what}:\n{differs}\nfix: every rank must "
+                "build it from the same dataset and arguments (shards would overlap or miss "
+                "samples); for a loader of one rank alone pass distributed=False"
+            )
+
+    def _undo_restore(self, lines: list[str]) -> None:
+        undone = self._loaders.undo()
+        if undone is not None:
+            rng, epoch, prior = undone
+            restore_rngs(rng, self._cuda_device)
+            self.set_epoch(epoch)
+            self._loaders.put_back(prior)
+        raise StateError(
+            "a restored state cannot continue this loader:\n"
+            + "\n".join(f"  {line}" for line in lines)
+            + (
+                "\nload_state's restore was undone on every rank: RNGs, epoch and loader "
+                "positions are as they were before it"
+                if undone is not None
+                else "\nNothing was restored"
+            )
+        )
+
     def set_epoch(self, epoch: int) -> None:
-        """Move samplers and workers to ``epoch``; the restored epoch keeps its position."""
-        if epoch < 0:
-            raise ValueError(f"epoch={epoch} must be >= 0")
-        if epoch != self._epoch:
-            for loader in self._live_loaders():
-                loader.progress.pending = None
-                loader.progress.position = 0
-            self._pending_loaders = []
+        """Move every sampler, loader and worker seed of this plan to ``epoch``."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} must be an int >= 0")
         self._epoch = epoch
+        self._worker_init_fn.epoch = epoch
         for sampler in list(self._samplers):
             sampler.set_epoch(epoch)
-        for fn in list(self._init_fns):
-            fn.epoch = epoch
-
-    def _live_loaders(self) -> list[TrackedDataLoader]:
-        return [ld for ref in self._loaders if (ld := ref()) is not None]
+        self._loaders.set_epoch(epoch)
 
     # -- records ----------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -267,83 +332,63 @@ class SeedPlan:
             "rank": self.rank,
             "world_size": self.world_size,
             "epoch": self._epoch,
-            "torch_version": _TORCH_RELEASE,
-            "loaders": [ld.state_dict() for ld in self._live_loaders()],
+            "torch_version": TORCH_RELEASE,
             "rng": capture_rngs(self._cuda_device),
+            **self._loaders.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, source: str = "state dict") -> None:
-        """Restore RNGs, epoch and data positions; checks first, so a bad state changes nothing."""
+        """Restore RNGs, epoch and loader positions; checks first, so a bad state changes
+        nothing. States of loaders not made yet are applied when they are made."""
         self.check_state(state, source=source)
+        rng, epoch = capture_rngs(self._cuda_device), self._epoch
         restore_rngs(state["rng"], self._cuda_device)
-        self._epoch = -1  # force set_epoch to treat the restored epoch as new, then restore
         self.set_epoch(int(state["epoch"]))
-        self._pending_loaders = list(state["loaders"])
-        for index, loader in enumerate(self._live_loaders()):
-            if index < len(self._pending_loaders):
-                self._restore_loader(loader, self._pending_loaders[index], index)
-
-    def _restore_loader(self, loader: TrackedDataLoader, saved: dict[str, Any], i: int) -> None:
-        problem = self._loader_mismatch(loader, saved, i)
-        if problem:
-            raise StateError(problem)
-        loader.progress.pending = int(saved["position"])
-
-    def _loader_mismatch(self, loader: TrackedDataLoader, saved: dict[str, Any], i: int) -> str:
-        now = {"step": loader.step_size, "shard": len(loader.shard_sampler)}
-        if {k: saved.get(k) for k in now} == now:
-            return ""
-        return (
-            f"rank {self.rank}: loader #{i} was saved with batch size {saved.get('step')} over a "
-            f"shard of {saved.get('shard')} samples, but is now batch size {now['step']} over "
-            f"{now['shard']}; resume with the same dataset and batch size. Nothing was restored"
-        )
+        self._loaders.restore(dict(state["loaders"]), rng, epoch)
 
     def check_state(self, state: dict[str, Any], *, source: str = "state dict") -> None:
         """Raise :class:`StateError` if ``state`` cannot continue this run; changes nothing."""
+        problem = self._state_problem(state)
+        if problem:
+            raise StateError(f"rank {self.rank}: {source}: {problem}. Nothing was restored")
 
-        def mismatch(what: str, saved: object, now: object, fix: str) -> StateError:
-            return StateError(
-                f"rank {self.rank}: {source} was saved with {what} {saved!r} but this run has "
-                f"{now!r}; {fix}. Nothing was restored"
-            )
-
+    def _state_problem(self, state: dict[str, Any]) -> str:
         required = ("base_seed", "scheme", "rank", "world_size", "epoch", "loaders", "rng")
         missing = [k for k in required if k not in state]
-        if missing:
-            raise StateError(f"rank {self.rank}: {source} lacks {missing}; not a {FORMAT} state")
-        if state["base_seed"] != self._base_seed:
-            raise mismatch(
+        if missing or not isinstance(state["loaders"], dict):
+            return f"lacks {missing or ['loaders by name']}; not a ddpseed plan state"
+        for what, saved, now, fix in (
+            (
                 "base seed",
                 state["base_seed"],
                 self._base_seed,
                 "pass seed=<saved seed>, or the run_dir of the first attempt, to setup()",
-            )
-        if state["world_size"] != self.world_size:
-            raise mismatch(
+            ),
+            (
                 "world size",
                 state["world_size"],
                 self.world_size,
                 "resume with the saved number of ranks (its shards differ from this one's)",
-            )
-        if state["rank"] != self.rank:
-            raise mismatch("rank", state["rank"], self.rank, "load each rank's own file")
-        if state["scheme"] != self._scheme:
-            raise mismatch("scheme", state["scheme"], self._scheme, "use the saved scheme")
-        if state.get("torch_version") != _TORCH_RELEASE:
-            raise mismatch(
+            ),
+            ("rank", state["rank"], self.rank, "load each rank's own file"),
+            ("scheme", state["scheme"], self._scheme, "use the saved scheme"),
+            (
                 "torch",
                 state.get("torch_version"),
-                _TORCH_RELEASE,
+                TORCH_RELEASE,
                 "RNG state layouts differ between torch releases; resume with the saved one",
-            )
+            ),
+        ):
+            if saved != now:
+                return f"saved with {what} {saved!r} but this run has {now!r}; {fix}"
         if state["rng"].get("cuda") is not None and self._cuda_device is None:
-            raise mismatch("a CUDA generator", "present", "no GPU", "resume on a GPU machine")
-        pairs = zip(self._live_loaders(), state["loaders"], strict=False)
-        for i, (loader, saved) in enumerate(pairs):
-            problem = self._loader_mismatch(loader, saved, i)
-            if problem:
-                raise StateError(problem)
+            return "saved with a CUDA generator but this rank has no GPU; resume on a GPU machine"
+        for name, loader in self._loaders.live().items():
+            if name in state["loaders"]:
+                problem = loader.mismatch(state["loaders"][name])
+                if problem:
+                    return problem
+        return ""
 
     def __repr__(self) -> str:
         return (
@@ -372,7 +417,7 @@ def _fallback(proposal: Proposal, run_dir: Path | None) -> Proposal:
     try:
         recorded = read_seed_record(run_dir) if run_dir is not None else None
     except DDPSeedError as exc:
-        return Proposal(error=str(exc))
+        return dataclasses.replace(proposal, error=str(exc))
     if recorded is not None:
         return dataclasses.replace(proposal, fallback=recorded, fallback_source=Source.RECORD)
     return dataclasses.replace(
@@ -430,9 +475,16 @@ def setup(
     coordinator.ensure_process_group(topo, backend, timeout)
     proposal = dataclasses.replace(
         _explicit_proposal(seed),
-        run_dir=str(chosen_dir) if chosen_dir is not None else None,
+        world_size=topo.world_size,
+        run_dir=path_id(str(chosen_dir) if chosen_dir is not None else None),
         explicit_dir=explicit_dir,
+        scheme=SCHEMES.index(scheme) if scheme in SCHEMES else 0,
+        deterministic=bool(deterministic),
     )
+    if scheme not in SCHEMES:  # every rank must hear of one rank's typo, not only that rank
+        proposal = dataclasses.replace(
+            proposal, error=f"scheme={scheme!r} is not one of {SCHEMES}; fix the setup() call"
+        )
     if topo.rank == 0 and proposal.seed is None and proposal.error is None:
         proposal = _fallback(proposal, chosen_dir)
     agreement = coordinator.agree(proposal, topo, timeout)

@@ -2,15 +2,13 @@
 
 :class:`SeededDistributedSampler` is torch's ``DistributedSampler`` (torch's exact order at
 every epoch) plus what exact resume needs: a one-shot start position
-(:meth:`~ResumableSampler.seek`) and a warning when an epoch is replayed because ``set_epoch``
-was forgotten.
+(:meth:`~ResumableSampler.seek`).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
-import warnings
 from collections.abc import Iterator, Sized
 
 from torch.utils.data import DistributedSampler
@@ -20,13 +18,11 @@ class ResumableSampler:
     """Epoch bookkeeping shared by ddpseed's samplers.
 
     Subclasses provide ``_indices(start)`` yielding this rank's shard from position ``start``
-    and ``__len__``; this mixin owns ``epoch``, the one-shot seek and the replay warning.
+    and ``__len__``; this mixin owns ``epoch`` and the one-shot seek.
     """
 
     epoch: int
     _start: int = 0
-    _iterated_epoch: int | None = None
-    _warned_replay: bool = False
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch``; a new epoch drops any pending seek."""
@@ -43,16 +39,10 @@ class ResumableSampler:
             raise ValueError(f"position {position} is outside this rank's shard [0, {length}]")
         self._start = position
 
-    def _check_replay(self) -> None:
-        if self._iterated_epoch == self.epoch and not self._warned_replay:
-            self._warned_replay = True
-            warnings.warn(
-                f"{type(self).__name__} iterated twice at epoch {self.epoch}: every epoch will "
-                "see the same order; call set_epoch(epoch) (or plan.set_epoch) before each epoch",
-                UserWarning,
-                stacklevel=3,
-            )
-        self._iterated_epoch = self.epoch
+    @property
+    def pending_start(self) -> int:
+        """Where the next iteration starts (the last :meth:`seek`, else 0)."""
+        return self._start
 
     def __iter__(self) -> Iterator[int]:
         # Lazy, so nothing happens until the first index is asked for (DataLoader creates and
@@ -61,7 +51,6 @@ class ResumableSampler:
         return itertools.chain.from_iterable(self._begin())
 
     def _begin(self) -> Iterator[Iterator[int]]:
-        self._check_replay()
         start, self._start = self._start, 0
         yield self._indices(start)
 
@@ -73,7 +62,7 @@ class ResumableSampler:
 
 
 class SeededDistributedSampler(ResumableSampler, DistributedSampler[int]):
-    """``torch.utils.data.DistributedSampler`` with the same order, plus seek and replay warning.
+    """``torch.utils.data.DistributedSampler`` with the same order, plus a one-shot seek.
 
     >>> s = SeededDistributedSampler(range(10), num_replicas=2, rank=1, seed=7)
     >>> list(s) == list(DistributedSampler(range(10), num_replicas=2, rank=1, seed=7))

@@ -1,6 +1,8 @@
-"""Side effects: seeding the global RNGs and switching on deterministic kernels.
+"""Side effects: seeding, capturing and restoring the global RNGs; deterministic kernels.
 
 The arithmetic lives in :mod:`ddpseed.derivation`; this module only applies its results.
+Captured states hold only tensors and plain values, so ``torch.load(weights_only=True)``
+reads them without an allow-list.
 
     >>> seed_process(7, cuda_device=None)
     >>> import random; random.random() == __import__("random").Random(7).random()
@@ -13,6 +15,7 @@ import logging
 import os
 import random
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +33,62 @@ def seed_cpu(seed: int) -> None:
     np.random.seed(seed)
     # torch.manual_seed would also seed *every* CUDA device; other ranks own those.
     torch.default_generator.manual_seed(seed)
+
+
+def seed_worker_rngs(seed: int) -> None:
+    """Seed a DataLoader worker's RNGs: the CPU ones, and CUDA's if the worker started it.
+
+    Not ``torch.manual_seed``: it also walks every accelerator backend (about 100 us against
+    1 us), and a worker reseeds at every batch.
+    """
+    seed_cpu(seed)
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.manual_seed_all(seed)
+
+
+def capture_rngs(cuda_device: int | None) -> dict[str, Any]:
+    """This process's RNG states: Python, NumPy global, torch CPU and this rank's CUDA device."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": None,
+    }
+    if cuda_device is not None:
+        state["cuda"] = {"device": cuda_device, "state": torch.cuda.get_rng_state(cuda_device)}
+    return state
+
+
+def restore_rngs(state: dict[str, Any], cuda_device: int | None) -> None:
+    """Put back what :func:`capture_rngs` returned."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and cuda_device is not None:
+        torch.cuda.set_rng_state(cuda["state"], cuda_device)
 
 
 def local_cuda_device(local_rank: int) -> int | None:

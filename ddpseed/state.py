@@ -1,78 +1,48 @@
-"""RNG state as tensors and plain values, and its safe on-disk form.
+"""Checkpoints of every rank's RNGs, epoch and loader positions, saved and loaded as one unit.
 
-A state dict holds only tensors, ints, floats, strings, None, lists and dicts, so
-``torch.load(path, weights_only=True)`` reads it without any allow-list. Each rank writes its
-own file (``save_state("ckpt/rng.pt", plan)`` writes ``ckpt/rng.rank0.pt``,
-``ckpt/rng.rank1.pt``, ...; put ``{rank}`` in the path to place it yourself). Files are written
-atomically and carry a SHA-256 digest of their content, so a torn or corrupted file is refused
-by name instead of resuming from garbage.
+``save_state("ckpt/rng.pt", plan)`` on every rank writes save number N:
+
+1. rank 0 reads the commit record ``ckpt/rng.commit.json`` (the last complete save, N - 1) and
+   every rank learns N;
+2. each rank writes its own file ``ckpt/rng.rank<r>.<N>.pt`` (temp file, fsync, rename; put
+   ``{rank}`` in the path to place the files yourself: ``ckpt/{rank}/rng.pt`` writes
+   ``ckpt/<r>/rng.<N>.pt`` and the record ``ckpt/0/rng.commit.json``);
+3. only when every rank has written does rank 0 replace the commit record with N; only then
+   does each rank delete its own older files (and temp files left by a killed save).
+
+A save that fails or is killed on any rank therefore leaves the commit record on N - 1, whose
+files are all still there: the previous complete checkpoint loads. ``load_state`` reads the
+commit record on rank 0, and every rank loads its file of that save, verifies it (SHA-256 of its
+content, format, save number, seed, world size) and checks with the others that they resume at
+the same epoch and positions; only if all of that holds does any rank restore anything.
+
+A state file holds only tensors, ints, floats, strings, None, lists and dicts, so
+``torch.load(path, weights_only=True)`` reads it without any allow-list. Each call is
+collective in a distributed job: every rank must make it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
-import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from .coordinator import share_errors
-from .errors import StateError, first_line
-from .files import atomic_write_bytes
+from .collective import call_id, disagreement, exchange
+from .errors import AgreementError, StateError, first_line
+from .files import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from .plan import SeedPlan
 
-FORMAT = "ddpseed.state/1"
-
-
-def capture_rngs(cuda_device: int | None) -> dict[str, Any]:
-    """This process's RNG states: Python, NumPy global, torch CPU and this rank's CUDA device."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": {
-            "version": version,
-            "state": torch.tensor(internal, dtype=torch.int64),
-            "gauss": gauss,
-        },
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": None,
-    }
-    if cuda_device is not None:
-        state["cuda"] = {"device": cuda_device, "state": torch.cuda.get_rng_state(cuda_device)}
-    return state
-
-
-def restore_rngs(state: dict[str, Any], cuda_device: int | None) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (
-            npy["kind"],
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and cuda_device is not None:
-        torch.cuda.set_rng_state(cuda["state"], cuda_device)
+FORMAT = "ddpseed.state/2"
+COMMIT_FORMAT = "ddpseed.checkpoint/1"
 
 
 def digest(value: Any) -> str:
@@ -102,96 +72,240 @@ def _feed(h: Any, value: Any) -> None:
         h.update(json.dumps(value).encode())
 
 
-def state_path(path: str | os.PathLike[str], rank: int) -> Path:
-    """Where rank ``rank``'s state goes.
-
-    >>> str(state_path("ckpt/rng.pt", 3))
-    'ckpt/rng.rank3.pt'
-    >>> str(state_path("ckpt/{rank}/rng.pt", 3))
-    'ckpt/3/rng.pt'
-    """
+def _rank_base(path: str | os.PathLike[str], rank: int) -> tuple[Path, str]:
+    """Rank ``rank``'s files of ``path`` are ``<base>.<save><suffix>``: (base, suffix)."""
     text = os.fspath(path)
-    if "{rank}" in text:
-        return Path(text.replace("{rank}", str(rank)))
-    p = Path(text)
-    return p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
+    p = Path(text.replace("{rank}", str(rank)))
+    stem = p.stem if "{rank}" in text else f"{p.stem}.rank{rank}"
+    return p.with_name(stem), p.suffix
+
+
+def state_path(path: str | os.PathLike[str], rank: int, save: int) -> Path:
+    """Where rank ``rank``'s file of save number ``save`` goes.
+
+    >>> str(state_path("ckpt/rng.pt", 3, 7))
+    'ckpt/rng.rank3.7.pt'
+    >>> str(state_path("ckpt/{rank}/rng.pt", 3, 7))
+    'ckpt/3/rng.7.pt'
+    """
+    base, suffix = _rank_base(path, rank)
+    return base.with_name(f"{base.name}.{save}{suffix}")
+
+
+def commit_path(path: str | os.PathLike[str]) -> Path:
+    """The commit record: which save of ``path`` is complete (beside rank 0's files).
+
+    >>> str(commit_path("ckpt/rng.pt")), str(commit_path("ckpt/{rank}/rng.pt"))
+    ('ckpt/rng.commit.json', 'ckpt/0/rng.commit.json')
+    """
+    p = Path(os.fspath(path).replace("{rank}", "0"))
+    return p.with_name(f"{p.stem}.commit.json")
+
+
+def read_commit(path: str | os.PathLike[str]) -> int | None:
+    """The number of the last complete save of ``path``, or None if there is none."""
+    record = commit_path(path)
+    try:
+        if record.exists() and not record.is_file():
+            raise StateError(f"commit record {record} is not a regular file; move it away")
+        text = record.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"cannot read commit record {record}: {exc}") from exc
+    try:
+        data = json.loads(text)
+        save = data["save"]
+        if data.get("format") != COMMIT_FORMAT or not isinstance(save, int) or save < 1:
+            raise ValueError(f"format {data.get('format')!r}, save {save!r}")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise StateError(
+            f"commit record {record} is corrupted ({type(exc).__name__}: {first_line(exc)}); "
+            'restore it from a backup, or write {"format": "' + COMMIT_FORMAT + '", '
+            '"save": N} naming the last save whose rank files are all present'
+        ) from None
+    return save
 
 
 def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
-    """Atomically write this rank's ``plan.state_dict()``; returns the file written.
+    """Write this rank's ``plan.state_dict()`` as part of one checkpoint of every rank.
 
-    Collective when the job is distributed: if any rank cannot write (disk full, read-only
-    directory), every rank raises :class:`StateError` naming it. A rank that failed keeps its
-    previous file; ranks that succeeded have already replaced theirs.
+    Collective in a distributed job. If any rank cannot write (disk full, read-only
+    directory, killed), every rank raises :class:`StateError` naming it, and the previous
+    complete checkpoint stays loadable. Returns this rank's file.
     """
-    target = state_path(path, plan.rank)
-    error = None
+    what = f"save_state({os.fspath(path)!r})"
+    number, error = 0, None
     try:
+        if plan.rank == 0:
+            number = (read_commit(path) or 0) + 1
         state = plan.state_dict()
-        payload = {"format": FORMAT, "digest": digest(state), "state": state}
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        atomic_write_bytes(target, buffer.getvalue(), what=f"rank {plan.rank} RNG state")
     except StateError as exc:
         error = str(exc)
-    _raise_shared(error, plan, f"saving {path}", "ranks not listed replaced their files")
+    begun = exchange(what, (number,), error, plan.topology, plan.timeout)
+    _raise_failures(begun.lines(), what, plan, "nothing was written")
+    number = begun.values[0][0]
+    target = state_path(path, plan.rank, number)
+    error = None
+    try:
+        buffer = io.BytesIO()
+        payload = {"format": FORMAT, "save": number, "digest": digest(state), "state": state}
+        torch.save(payload, buffer)
+        atomic_write_bytes(target, buffer.getvalue(), what=f"rank {plan.rank} state")
+    except StateError as exc:
+        error = str(exc)
+    written = exchange(what + " (write)", (), error, plan.topology, plan.timeout)
+    _raise_failures(written.lines(), what, plan, _previous(number))
+    error = None
+    if plan.rank == 0:
+        try:
+            atomic_write_json(
+                commit_path(path),
+                {
+                    "format": COMMIT_FORMAT,
+                    "save": number,
+                    "world_size": plan.world_size,
+                    "epoch": plan.epoch,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                what="commit record",
+            )
+        except StateError as exc:
+            error = str(exc)
+    committed = exchange(what + " (commit)", (), error, plan.topology, plan.timeout)
+    _raise_failures(committed.lines(), what, plan, _previous(number))
+    _remove_other_saves(path, plan.rank, keep=number)
     return target
 
 
-def _raise_shared(error: str | None, plan: SeedPlan, what: str, outcome: str) -> None:
-    failures = share_errors(error, plan.topology, plan.timeout, what)
-    if failures:
+def _previous(number: int) -> str:
+    if number == 1:
+        return "there is no earlier complete checkpoint"
+    return f"the previous complete checkpoint (save {number - 1}) is intact and still loads"
+
+
+def _raise_failures(lines: list[str], what: str, plan: SeedPlan, outcome: str) -> None:
+    if lines:
         raise StateError(
-            f"{what} failed on {len(failures)} of {plan.world_size} ranks; {outcome}:\n"
-            + "\n".join(f"  {line}" for line in failures)
+            f"{what} failed on {len(lines)} of {plan.world_size} ranks; {outcome}:\n"
+            + "\n".join(f"  {line}" for line in lines)
         )
 
 
-def read_state(path: str | os.PathLike[str], rank: int) -> dict[str, Any]:
-    """Load and verify rank ``rank``'s state file; raises :class:`StateError` naming the file."""
-    target = state_path(path, rank)
+def _remove_other_saves(path: str | os.PathLike[str], rank: int, keep: int) -> None:
+    """Delete this rank's files of other saves and temp files of killed saves."""
+    base, suffix = _rank_base(path, rank)
+    stem = base.name
+    with contextlib.suppress(OSError):
+        for entry in base.parent.iterdir():
+            name = entry.name
+            middle = name[len(stem) + 1 : len(name) - len(suffix)]
+            old = name.startswith(stem + ".") and name.endswith(suffix) and middle.isdigit()
+            torn = name.startswith(f".{stem}.") and name.endswith(".tmp")
+            if (old and int(middle) != keep) or torn:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def read_state(path: str | os.PathLike[str], rank: int, save: int) -> dict[str, Any]:
+    """Load and verify rank ``rank``'s file of save ``save``; raises :class:`StateError`."""
+    target = state_path(path, rank, save)
+    if target.exists() and not target.is_file():
+        raise StateError(f"state file {target} is not a regular file; move it away")
     try:
         payload = torch.load(target, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise StateError(
-            f"rank {rank}: state file {target} does not exist; pass the path given to "
-            "save_state (the rank suffix is added for you), or start fresh"
+            f"state file {target} of save {save} (the one {commit_path(path)} names) does not "
+            "exist; copy every rank's file of that save back, or resume from another checkpoint"
         ) from None
     except Exception as exc:
         raise StateError(
-            f"rank {rank}: state file {target} is truncated or not a ddpseed state file "
-            f"({type(exc).__name__}: {first_line(exc)[:200]}); "
-            "resume from an earlier checkpoint"
+            f"state file {target} is truncated or not a ddpseed state file "
+            f"({type(exc).__name__}: {first_line(exc)[:200]}); resume from an earlier checkpoint"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise StateError(
-            f"rank {rank}: {target} is not a ddpseed state file (format {found!r}, expected "
-            f"{FORMAT!r})"
+            f"{target} is not a ddpseed state file (format {found!r}, expected {FORMAT!r})"
+        )
+    if payload.get("save") != save:
+        raise StateError(
+            f"state file {target} belongs to save {payload.get('save')!r}, not save {save} that "
+            f"{commit_path(path)} names: files of different saves were mixed; copy back every "
+            "rank's file of one save"
         )
     state = payload.get("state")
-    if digest(state) != payload.get("digest"):
+    if not isinstance(state, dict) or digest(state) != payload.get("digest"):
         raise StateError(
-            f"rank {rank}: state file {target} is corrupted (its SHA-256 digest does not match "
-            "its content); resume from an earlier checkpoint"
+            f"state file {target} is corrupted (its SHA-256 digest does not match its "
+            "content); resume from an earlier checkpoint"
         )
-    assert isinstance(state, dict)
     return state
 
 
-def load_state(path: str | os.PathLike[str], plan: SeedPlan) -> None:
-    """Restore this rank's RNGs, epoch and data position from ``save_state``'s file.
+def _position_key(state: dict[str, Any]) -> int:
+    """One number for "where this rank resumes": epoch and every loader's position."""
+    where = sorted(
+        (name, s.get("epoch"), s.get("position"), s.get("finished"))
+        for name, s in state.get("loaders", {}).items()
+        if isinstance(s, dict) and s.get("num_replicas", 1) > 1  # a rank's own loaders differ
+    )
+    return call_id(json.dumps([state.get("epoch"), where], default=str))
 
-    Every rank validates its file first; only if all of them are sound does any rank restore,
-    so one torn file stops the whole job with the same error instead of half a resume.
+
+def load_state(path: str | os.PathLike[str], plan: SeedPlan) -> None:
+    """Restore this rank's RNGs, epoch and loader positions from the last complete save.
+
+    Collective in a distributed job. Every rank verifies its file first; only if all are
+    sound, from the same save and at the same epoch and positions does any rank restore, so
+    one bad file stops the whole job with the same error instead of half a resume.
     """
-    source = str(state_path(path, plan.rank))
-    error, state = None, None
+    what = f"load_state({os.fspath(path)!r})"
+    number, error = 0, None
+    if plan.rank == 0:
+        try:
+            found = read_commit(path)
+            if found is None:
+                raise StateError(
+                    f"no checkpoint at {os.fspath(path)}: its commit record "
+                    f"{commit_path(path)} does not exist (no save_state to that path completed "
+                    "on every rank); pass the path given to save_state, or start fresh"
+                )
+            number = found
+        except StateError as exc:
+            error = str(exc)
+    begun = exchange(what, (number,), error, plan.topology, plan.timeout)
+    _raise_failures(begun.lines(), what, plan, "nothing was restored")
+    number = begun.values[0][0]
+    state: dict[str, Any] = {}
+    error = None
     try:
-        state = read_state(path, plan.rank)
-        plan.check_state(state, source=source)
+        state = read_state(path, plan.rank, number)
+        plan.check_state(state, source=str(state_path(path, plan.rank, number)))
     except StateError as exc:
         error = str(exc)
-    _raise_shared(error, plan, f"loading {path}", "nothing was changed")
-    assert state is not None
-    plan.load_state_dict(state, source=source)
+    checked = exchange(
+        what + " (check)", (_position_key(state),), error, plan.topology, plan.timeout
+    )
+    _raise_failures(checked.lines(), what, plan, "nothing was restored")
+    if disagreement(checked, ["epoch and loader positions"]):
+        shown = "\n".join(
+            f"  rank {r}: epoch {s}" for r, s in enumerate(_gather_positions(state, plan, what))
+        )
+        raise AgreementError(
+            f"{what}: the ranks' files of save {number} resume at different epochs or "
+            f"positions, so the shards would no longer line up; nothing was restored:\n{shown}\n"
+            "fix: restore every rank's files from one save_state"
+        )
+    plan.load_state_dict(state, source=str(state_path(path, plan.rank, number)))
+
+
+def _gather_positions(state: dict[str, Any], plan: SeedPlan, what: str) -> list[str]:
+    """Every rank's epoch and loader positions, as text (only on the mismatch path)."""
+    mine = f"{state.get('epoch')}, " + ", ".join(
+        f"loader {n!r} at {s.get('position')}" + (" (pass finished)" if s.get("finished") else "")
+        for n, s in sorted(state.get("loaders", {}).items())
+    )
+    shown = exchange(what + " (positions)", (), mine, plan.topology, plan.timeout)
+    return [shown.messages.get(r, "?") for r in range(plan.world_size)]

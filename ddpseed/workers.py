@@ -5,39 +5,36 @@ W read from ``get_worker_info()`` inside the worker. It is a plain object, so it
 ``spawn`` and ``forkserver`` start methods.
 
 Exact resume needs more than that: after a restart mid-epoch, batch ``b`` may be fetched by a
-different worker with a different RNG history. :class:`ExactDataset` therefore reseeds the
-worker at every batch with ``batch_seed(worker seed of slot b % W, b // W)``: the first batch
-of each slot sees exactly the worker seed, and every batch's randomness is a pure function of
-its position, whichever process fetches it and whether workers are persistent.
+different worker with a different RNG history. :class:`SeededBatchSampler` therefore gives each
+batch the seed of its position, ``batch_seed(worker seed of slot b % W, b // W)``, and the
+worker reseeds from it right before fetching the batch: the first batch of each slot sees
+exactly the worker seed, and every batch's randomness is a pure function of its position,
+whichever process fetches it and whether workers are persistent.
+
+The seed rides *with the indices*: a batch pickles as "reseed, then these indices", and a worker
+unpickles each batch from its index queue immediately before fetching it. So the dataset, the
+sampler and the batch size the user sees on the loader stay torch's own objects, and the
+dataset receives a plain ``list`` of indices, as with torch.
 """
 
 from __future__ import annotations
 
 import itertools
-import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import BatchSampler, get_worker_info
 
 from .derivation import Scheme, batch_seed, worker_seed
-
-
-def seed_worker_rngs(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    # torch.manual_seed rather than the CPU generator alone: a worker that starts CUDA (rare,
-    # but allowed) then draws from this seed too instead of torch's default one.
-    torch.manual_seed(seed)
+from .sampler import ResumableSampler
+from .seeding import seed_worker_rngs
 
 
 class WorkerInitFn:
     """Picklable ``worker_init_fn`` that applies ddpseed's worker seeds.
 
-    ``epoch`` is updated by ``SeedPlan.set_epoch`` before workers start, so non-persistent
-    workers get the new epoch's seeds; a user ``then`` callback runs after seeding.
+    ``epoch`` is set by the loader before its workers start, so non-persistent workers get the
+    new epoch's seeds; a user ``then`` callback runs after seeding.
     """
 
     def __init__(
@@ -83,74 +80,63 @@ class WorkerInitFn:
         )
 
 
-class TaggedBatch(list[int]):
-    """A batch of indices that knows its epoch and its position in the epoch."""
+def _reseeded(indices: list[int], slot_seed: int, ordinal: int) -> list[int]:
+    # Called by pickle where a SeededBatch is unpickled: in a DataLoader worker, which does so
+    # right before it fetches these indices. Nothing else unpickles index batches.
+    if get_worker_info() is not None:
+        seed_worker_rngs(batch_seed(slot_seed, ordinal))
+    return indices
 
-    epoch: int
-    batch_no: int
 
-    def __init__(self, indices: Iterable[int], epoch: int, batch_no: int) -> None:
+class SeededBatch(list[int]):
+    """A batch of indices that reseeds the worker that unpickles it, then is a plain list."""
+
+    __slots__ = ("ordinal", "slot_seed")
+
+    def __init__(self, indices: list[int], slot_seed: int, ordinal: int) -> None:
         super().__init__(indices)
-        self.epoch = epoch
-        self.batch_no = batch_no
+        self.slot_seed = slot_seed
+        self.ordinal = ordinal
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TaggedBatch, (list(self), self.epoch, self.batch_no))
+        return (_reseeded, (list(self), self.slot_seed, self.ordinal))
 
 
-class ExactBatchSampler(Sampler[list[int]]):
-    """``BatchSampler`` that tags each batch and can start at a batch number (after a seek)."""
+class SeededBatchSampler(BatchSampler):
+    """torch's ``BatchSampler`` over the shard sampler, starting where the sampler was sought.
 
-    def __init__(self, sampler: Any, batch_size: int, drop_last: bool) -> None:
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.first_batch = 0
+    With workers, batch ``b`` of the pass carries its seed (see the module docstring); the
+    batch number continues from the sampler's pending start, so a resumed pass numbers its
+    batches as the interrupted one did.
+    """
+
+    def __init__(
+        self,
+        sampler: ResumableSampler,
+        batch_size: int,
+        drop_last: bool,
+        seeds: WorkerInitFn,
+        workers: int,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.shard: ResumableSampler = sampler
+        self.seeds = seeds
+        self.workers = workers
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch = int(getattr(self.sampler, "epoch", 0))
-        batch_no, self.first_batch = self.first_batch, 0
-        indices = iter(self.sampler)
+        size, workers, sampler = self.batch_size, self.workers, self.shard
+        batch_no = sampler.pending_start // size  # read before iter() consumes the seek
+        epoch = sampler.epoch
+        indices = iter(sampler)
+        slot_seeds = [self.seeds.seed_for(w, workers, epoch) for w in range(workers)]
         while True:
             # islice fills each batch at C speed instead of one Python append per index.
-            batch = TaggedBatch(itertools.islice(indices, self.batch_size), epoch, batch_no)
-            if not batch or (self.drop_last and len(batch) < self.batch_size):
+            batch = list(itertools.islice(indices, size))
+            if not batch or (self.drop_last and len(batch) < size):
                 return
-            yield batch
+            if workers:
+                ordinal, slot = divmod(batch_no, workers)
+                yield SeededBatch(batch, slot_seeds[slot], ordinal)
+            else:
+                yield batch
             batch_no += 1
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-
-class ExactDataset(Dataset[Any]):
-    """Wraps a map-style dataset so each batch fetched in a worker is reseeded by position."""
-
-    def __init__(self, dataset: Any, init_fn: WorkerInitFn) -> None:
-        self.dataset = dataset
-        self.init_fn = init_fn
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
-
-    def __getitems__(self, indices: list[int]) -> Any:
-        info = get_worker_info()
-        if info is not None and isinstance(indices, TaggedBatch):
-            # The batch's own epoch, not init_fn's: persistent workers outlive set_epoch.
-            ordinal, slot = divmod(indices.batch_no, info.num_workers)
-            base = self.init_fn.seed_for(slot, info.num_workers, indices.epoch)
-            seed_worker_rngs(batch_seed(base, ordinal))
-        getitems = getattr(self.dataset, "__getitems__", None)
-        if getitems is not None:
-            return getitems(list(indices))
-        return [self.dataset[i] for i in indices]
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for attributes the wrapper lacks: expose the user's dataset's own.
-        if name in ("dataset", "init_fn"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)

@@ -190,7 +190,7 @@ def _saved(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("damage", ["truncated", "corrupted", "foreign", "missing"])
 def test_bad_state_file_on_one_rank_stops_every_rank(tmp_path: Path, damage: str) -> None:
     path = _saved(tmp_path)
-    victim = tmp_path / "rng.rank1.pt"
+    victim = tmp_path / "rng.rank1.1.pt"
     data = victim.read_bytes()
     if damage == "truncated":
         victim.write_bytes(data[: len(data) // 2])
@@ -228,7 +228,7 @@ def test_state_from_another_seed_is_refused(tmp_path: Path) -> None:
 
 def test_state_from_another_world_size_is_refused(tmp_path: Path) -> None:
     path = _saved(tmp_path)
-    shutil.copy(tmp_path / "rng.rank0.pt", tmp_path / "rng.rank2.pt")
+    shutil.copy(tmp_path / "rng.rank0.1.pt", tmp_path / "rng.rank2.1.pt")
     results = run(3, "load", env={"DDPSEED_SEED": "4", "FAULT_STATE": str(path)})
     assert_every_live_rank_failed(results, "saved with world size 2 but this run has 3")
 
@@ -265,7 +265,7 @@ def test_state_write_failure_keeps_the_previous_file(small_fs: Path, how: str) -
     path = small_fs / "rng.pt"
     results = run(2, "save", env={"DDPSEED_SEED": "4", "FAULT_STATE": str(path)})
     assert all(r.returncode == 0 for r in results), results[0].stderr[-2000:]
-    good = (small_fs / "rng.rank1.pt").read_bytes()
+    good = (small_fs / "rng.rank1.1.pt").read_bytes()
     if how == "full":
         _fill(small_fs)
     else:
@@ -273,10 +273,20 @@ def test_state_write_failure_keeps_the_previous_file(small_fs: Path, how: str) -
     results = run(2, "save", env={"DDPSEED_SEED": "4", "FAULT_STATE": str(path)})
     reason = "No space left on device" if how == "full" else "Read-only file system"
     assert_every_live_rank_failed(
-        results, "StateError", "could not write rank", reason, "the previous version is untouched"
+        results,
+        "StateError",
+        "could not write rank",
+        reason,
+        "the previous complete checkpoint (save 1) is intact and still loads",
     )
-    assert (small_fs / "rng.rank1.pt").read_bytes() == good
+    assert (small_fs / "rng.rank1.1.pt").read_bytes() == good
     assert not [p for p in small_fs.iterdir() if p.name.endswith(".tmp")]
+    if how == "full":
+        (small_fs / "filler").unlink()
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    results = run(2, "load", env={"DDPSEED_SEED": "4", "FAULT_STATE": str(path)})
+    assert [r.stdout.strip() for r in results] == ["OK 4"] * 2, results[0].stderr[-2000:]
 
 
 @pytest.mark.parametrize("how", ["full", "read-only"])

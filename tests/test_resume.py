@@ -101,9 +101,10 @@ def test_state_file_loads_with_weights_only_and_no_allowlist(tmp_path: Path) -> 
     random.random()
     np.random.random()
     path = ddpseed.save_state(tmp_path / "rng.pt", plan)
-    assert path.name == "rng.rank0.pt"
+    assert path.name == "rng.rank0.1.pt"
     payload = torch.load(path, weights_only=True)
-    assert payload["format"] == "ddpseed.state/1" and payload["state"]["base_seed"] == 5
+    assert payload["format"] == "ddpseed.state/2" and payload["state"]["base_seed"] == 5
+    assert payload["save"] == 1
     expected = (random.random(), float(np.random.random()), float(torch.rand(1)))
     ddpseed.load_state(tmp_path / "rng.pt", plan)
     assert (random.random(), float(np.random.random()), float(torch.rand(1))) == expected
@@ -149,6 +150,6 @@ def test_changed_batch_size_is_refused(tmp_path: Path) -> None:
     again.set_epoch(2)
     kept = again.dataloader(range(32), batch_size=8)  # noqa: F841 - plans hold loaders weakly
     before = torch.get_rng_state().clone()
-    with pytest.raises(ddpseed.StateError, match="batch size 4 over a shard of 32"):
+    with pytest.raises(ddpseed.StateError, match="saved with batch size 4 but is now batch size 8"):
         ddpseed.load_state(tmp_path / "s.pt", again)
     assert torch.equal(before, torch.get_rng_state()) and again.epoch == 2

@@ -1,0 +1,191 @@
+"""Ranks agree on everything that must agree; checkpoints are all-or-nothing. Real gloo ranks.
+
+Every case asserts each rank's exit status and message, and that a failing rank ended within
+the timeout plus a margin (the rank script prints ELAPSED on failure; see run_case).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers.ranks import RankResult, processes_carrying, run_ranks
+
+SCRIPT = Path(__file__).parent / "helpers" / "loader_rank.py"
+TIMEOUT = 15.0
+BOUND_MARGIN = 15.0
+
+
+def run_case(
+    world: int,
+    actions: str,
+    *,
+    env: dict[str, str] | None = None,
+    per_rank: dict[int, dict[str, str]] | None = None,
+) -> list[RankResult]:
+    token = f"ddpseed-integrity-{uuid.uuid4().hex}"
+    results = run_ranks(
+        SCRIPT,
+        world,
+        timeout=TIMEOUT + 90,
+        env={"ACTIONS": actions, "TIMEOUT": str(TIMEOUT), "DDPSEED_SEED": "11", **(env or {})},
+        per_rank_env=per_rank,
+        args=[token],
+    )
+    assert processes_carrying(token) == [], "a rank process outlived its case"
+    for r in results:
+        assert "test harness" not in r.stderr, f"rank {r.rank} hung:\n{r.stderr[-2000:]}"
+        for line in r.stderr.splitlines():
+            if line.startswith("ELAPSED "):
+                assert float(line.split()[1]) <= TIMEOUT + BOUND_MARGIN, r.stderr[-2000:]
+    return results
+
+
+def error_of(r: RankResult) -> str:
+    at = r.stderr.find("DDPSEED_ERROR")
+    return r.stderr[at:] if at >= 0 else ""
+
+
+def assert_all_failed(
+    results: list[RankResult], *fragments: str, dead: tuple[int, ...] = ()
+) -> list[str]:
+    messages = []
+    for r in results:
+        if r.rank in dead:
+            continue
+        assert r.returncode == 3, f"rank {r.rank} exit {r.returncode}:\n{r.stderr[-3000:]}"
+        for fragment in fragments:
+            assert fragment in error_of(r), f"rank {r.rank} lacks {fragment!r}:\n{error_of(r)}"
+        messages.append(error_of(r))
+    return messages
+
+
+def assert_all_ok(results: list[RankResult]) -> None:
+    for r in results:
+        assert r.returncode == 0 and "OK" in r.stdout, f"rank {r.rank}:\n{r.stderr[-3000:]}"
+
+
+def positions(results: list[RankResult]) -> list[tuple[int, int]]:
+    out = []
+    for r in results:
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("POS ")][-1]
+        _, epoch, pos = line.split()
+        out.append((int(epoch), int(pos)))
+    return out
+
+
+# -- agreement ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("setting", "values", "fragment"),
+    [
+        ("DATA_LEN", ("100", "90"), "dataset length: 100 on ranks 0; 90 on ranks 1"),
+        ("BATCH", ("4", "8"), "batch size: 4 on ranks 0; 8 on ranks 1"),
+        ("DROP_LAST", ("0", "1"), "drop_last: 0 on ranks 0; 1 on ranks 1"),
+        ("SHUFFLE", ("1", "0"), "shuffle: 1 on ranks 0; 0 on ranks 1"),
+        ("WORKERS", ("4", "2"), "num_workers: 4 on ranks 0; 2 on ranks 1"),
+    ],
+)
+def test_loader_arguments_that_differ_between_ranks_stop_every_rank(
+    setting: str, values: tuple[str, str], fragment: str
+) -> None:
+    per_rank = {r: {setting: v} for r, v in enumerate(values)}
+    results = run_case(2, "loader", per_rank=per_rank)
+    assert_all_failed(results, "AgreementError", "ranks disagree on plan.dataloader", fragment)
+
+
+def test_epochs_that_differ_between_ranks_stop_every_rank_at_iter() -> None:
+    results = run_case(2, "loader,steps:1", per_rank={0: {"EPOCH": "0"}, 1: {"EPOCH": "1"}})
+    assert_all_failed(
+        results, "AgreementError", "iter(loader 'train')", "epoch: 0 on ranks 0; 1 on ranks 1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "values", "fragment"),
+    [
+        ("SCHEME", ("default", "disjoint"), "scheme settings: 'default' on ranks 0"),
+        ("SCHEME", ("default", "disjonit"), "rank 1: scheme='disjonit' is not one of"),
+        ("DETERMINISTIC", ("0", "1"), "deterministic settings: False on ranks 0"),
+    ],
+)
+def test_setup_settings_that_differ_between_ranks_stop_every_rank(
+    setting: str, values: tuple[str, str], fragment: str
+) -> None:
+    per_rank = {r: {setting: v, "PYTHONHASHSEED": "0"} for r, v in enumerate(values)}
+    results = run_case(2, "", per_rank=per_rank)
+    assert_all_failed(results, fragment)
+
+
+def test_a_loader_of_one_rank_alone_needs_distributed_false_and_says_so() -> None:
+    results = run_case(2, "loader", per_rank={1: {"ACTIONS": "barrier"}})
+    messages = assert_all_failed(results, "CoordinationError", dead=(1,))
+    assert "rank 1 never reached it" in messages[0]
+    assert "distributed=False" in messages[0]
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def test_save_killed_between_fsync_and_rename_leaves_the_previous_checkpoint(
+    tmp_path: Path,
+) -> None:
+    env = {"STATE": str(tmp_path / "rng.pt")}
+    killed = run_case(
+        2,
+        "steps:3,save,steps:2,kill-rename,save",
+        env=env,
+        per_rank={0: {"ACTIONS": "steps:3,save,steps:2,save"}},
+    )
+    assert killed[1].returncode == -9
+    assert_all_failed(killed[:1], "CoordinationError", "save_state")
+    resumed = run_case(2, "loader,load,pos", env=env)
+    assert_all_ok(resumed)
+    assert positions(resumed) == [(0, 12), (0, 12)]  # save 1: both ranks at 3 batches of 4
+
+
+def test_files_of_different_saves_are_refused_on_every_rank(tmp_path: Path) -> None:
+    env = {"STATE": str(tmp_path / "rng.pt")}
+    assert_all_ok(run_case(2, "steps:3,save", env=env))
+    shutil.copy(tmp_path / "rng.rank1.1.pt", tmp_path / "old-rank1")
+    assert_all_ok(run_case(2, "steps:5,save", env=env))
+    shutil.copy(tmp_path / "old-rank1", tmp_path / "rng.rank1.2.pt")
+    results = run_case(2, "loader,load,pos", env=env)
+    assert_all_failed(
+        results,
+        "StateError",
+        "failed on 1 of 2 ranks; nothing was restored",
+        "rank 1: state file",
+        "belongs to save 1, not save 2",
+    )
+
+
+def test_save_on_only_some_ranks_names_the_call_and_the_absent_rank(tmp_path: Path) -> None:
+    env = {"STATE": str(tmp_path / "rng.pt")}
+    results = run_case(2, "steps:1,save", env=env, per_rank={1: {"ACTIONS": "steps:1,barrier"}})
+    messages = assert_all_failed(results, "CoordinationError", dead=(1,))
+    assert "save_state(" in messages[0] and "rank 1 never reached it" in messages[0]
+    assert "every rank must call it" in messages[0]
+
+
+def test_load_after_destroy_process_group_is_refused_on_every_rank(tmp_path: Path) -> None:
+    env = {"STATE": str(tmp_path / "rng.pt")}
+    results = run_case(2, "steps:1,save,destroy,load", env=env)
+    assert_all_failed(
+        results, "CoordinationError", "load_state(", "torch.distributed is not initialized"
+    )
+
+
+def test_load_state_before_the_loader_with_a_mismatch_on_one_rank_stops_every_rank(
+    tmp_path: Path,
+) -> None:
+    env = {"STATE": str(tmp_path / "rng.pt")}
+    assert_all_ok(run_case(2, "steps:2,save", env=env))
+    # Rank 1's dataset is now shorter, so its shard differs: only it sees the mismatch.
+    results = run_case(2, "load,loader", env=env, per_rank={1: {"DATA_LEN": "60"}})
+    assert_all_failed(
+        results,
+        "StateError",
+        "rank 1: loader 'train' was saved with dataset length 64 but is now dataset length 60",
+        "restore was undone on every rank",
+    )

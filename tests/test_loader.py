@@ -1,0 +1,257 @@
+"""The loader owns its epoch and position: torch's contract kept, no silent wrong resume.
+
+One process, a world of one (the multi-rank cases are in test_integrity.py). Each test names
+the training-script pattern that used to resume silently wrong.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, IterableDataset, get_worker_info
+
+import ddpseed
+from ddpseed.demo import AugmentedBlobs
+from ddpseed.topology import Topology
+
+
+def make_plan(seed: int = 5, rank: int = 0, world: int = 1) -> ddpseed.SeedPlan:
+    topo = Topology("single", rank, rank, world, world, 0, 1, "127.0.0.1", 29500)
+    plan = ddpseed.SeedPlan(seed, topo, collective=False)
+    ddpseed.seeding.seed_process(plan.process_seed, cuda_device=None)
+    return plan
+
+
+def sums(batches: Any) -> list[float]:
+    return [float(x.double().sum()) for x, _ in batches]
+
+
+def test_validation_loader_evaluated_before_a_mid_epoch_save_is_whole_after_resume(
+    tmp_path: Path,
+) -> None:
+    def fresh() -> tuple[ddpseed.SeedPlan, Any, Any]:
+        plan = make_plan()
+        train = plan.dataloader(AugmentedBlobs(64), batch_size=8, name="train")
+        val = plan.dataloader(AugmentedBlobs(24), batch_size=8, shuffle=False, name="val")
+        return plan, train, val
+
+    plan, train, val = fresh()
+    batches = iter(train)
+    for _ in range(3):
+        next(batches)
+    assert len(sums(val)) == 3  # evaluated in full
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plan, train, val = fresh()
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    assert len(sums(val)) == 3  # was 0: its saved position was "end of shard"
+    assert len(sums(train)) == 5  # the training loader still continues after batch 3
+
+
+def test_worker_info_seed_differs_per_epoch_and_rank_and_is_documented() -> None:
+    class InfoSeed(torch.utils.data.Dataset[int]):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> int:
+            info = get_worker_info()
+            assert info is not None
+            return int(info.seed)
+
+    seen: dict[tuple[int, int], set[int]] = {}
+    for rank in (0, 1):
+        plan = make_plan(seed=9, rank=rank, world=2)
+        loader = plan.dataloader(InfoSeed(), batch_size=1, num_workers=2, shuffle=False)
+        for epoch in (0, 1):
+            plan.set_epoch(epoch)
+            got = {int(s) for s in loader}
+            expected = {ddpseed.worker_info_seed(9, rank, epoch, w) for w in (0, 1)}
+            assert got == expected
+            seen[(rank, epoch)] = got
+    assert len(set().union(*seen.values())) == 8  # every (rank, epoch, worker) its own
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_attributes_are_the_real_ones_whatever_num_workers(workers: int) -> None:
+    plan = make_plan()
+    data = range(32)
+    loader = plan.dataloader(data, batch_size=4, num_workers=workers)
+    assert loader.dataset is data
+    assert loader.batch_size == 4 and loader.drop_last is False
+    assert isinstance(loader.sampler, ddpseed.SeededDistributedSampler)
+    assert isinstance(loader.batch_sampler, BatchSampler)
+    epoch0 = [b.tolist() for b in loader]
+    loader.sampler.set_epoch(1)  # the DDP tutorial's call
+    epoch1 = [b.tolist() for b in loader]
+    assert loader.state_dict()["epoch"] == 1 and epoch1 != epoch0
+    assert [i for b in epoch1 for i in b] == list(loader.sampler)
+
+
+def test_probe_iter_after_load_state_keeps_the_restored_position(tmp_path: Path) -> None:
+    plan = make_plan()
+    loader = plan.dataloader(AugmentedBlobs(64), batch_size=8, num_workers=2)
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    expected = sums(batches)
+    plan = make_plan()
+    loader = plan.dataloader(AugmentedBlobs(64), batch_size=8, num_workers=2)
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    assert len(next(iter(loader))[0]) == 8  # the tutorial's batch-size probe
+    assert sums(loader) == expected
+    with pytest.warns(UserWarning, match="second full pass"):
+        assert len(sums(loader)) == 8  # the finished pass: the next iter() starts at 0
+
+
+def test_changed_num_workers_is_refused_naming_both_values(tmp_path: Path) -> None:
+    plan = make_plan()
+    loader = plan.dataloader(AugmentedBlobs(64), batch_size=8, num_workers=2)
+    next(iter(loader))
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plan = make_plan()
+    kept = plan.dataloader(AugmentedBlobs(64), batch_size=8, num_workers=1)  # noqa: F841
+    with pytest.raises(
+        ddpseed.StateError, match="saved with num_workers 2 but is now num_workers 1"
+    ):
+        ddpseed.load_state(tmp_path / "rng.pt", plan)
+
+
+def test_states_are_matched_by_name_not_by_place_among_live_loaders(tmp_path: Path) -> None:
+    plan = make_plan()
+    first = plan.dataloader(range(40), batch_size=4)  # loader0
+    second = plan.dataloader(range(40), batch_size=4)  # loader1
+    batches = iter(second)
+    for _ in range(3):
+        next(batches)
+    del first
+    gc.collect()
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plan = make_plan()
+    first = plan.dataloader(range(40), batch_size=4)
+    second = plan.dataloader(range(40), batch_size=4)
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    assert (first.state_dict()["position"], second.state_dict()["position"]) == (0, 12)
+    assert len(list(first)) == 10 and len(list(second)) == 7
+
+
+def test_a_throwaway_loader_made_first_does_not_shift_the_training_loader(tmp_path: Path) -> None:
+    def run(until: int | None) -> tuple[ddpseed.SeedPlan, list[Any]]:
+        plan = make_plan()
+        stats = plan.dataloader(range(40), batch_size=8)  # built, used, dropped
+        list(stats)
+        del stats
+        gc.collect()
+        train = plan.dataloader(range(40), batch_size=5)
+        return plan, [b.tolist() for b in (train if until is None else _take(train, until))]
+
+    plan, _ = run(until=5)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plan = make_plan()
+    stats = plan.dataloader(range(40), batch_size=8)
+    list(stats)
+    del stats
+    gc.collect()
+    train = plan.dataloader(range(40), batch_size=5)
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    _, straight = run(until=None)
+    assert [b.tolist() for b in train] == straight[5:]  # 3 batches remained, not 8
+
+
+def _take(loader: Any, n: int) -> list[Any]:
+    batches = iter(loader)
+    return [next(batches) for _ in range(n)]
+
+
+def test_replay_warning_only_for_a_second_full_shuffled_pass_at_the_caller() -> None:
+    plan = make_plan()
+    val = plan.dataloader(range(16), batch_size=4, shuffle=False)
+    train = plan.dataloader(range(16), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            list(val)  # evaluating again is not a replay
+        next(iter(train))  # nor is a probe
+        list(train)
+    with pytest.warns(UserWarning, match="second full pass in epoch 0") as caught:
+        for _ in train:
+            pass
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(train)  # once
+        plan.set_epoch(1)
+        list(train)
+        list(train)  # a new epoch counts afresh... its second pass was already warned about
+
+
+def test_load_state_before_the_loader_is_made_is_all_or_nothing(tmp_path: Path) -> None:
+    plan = make_plan()
+    loader = plan.dataloader(range(32), batch_size=4)
+    plan.set_epoch(3)
+    next(iter(loader))
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plan = make_plan()
+    random.random()
+    before = (torch.get_rng_state().clone(), random.getstate(), np.random.get_state()[1].copy())
+    ddpseed.load_state(tmp_path / "rng.pt", plan)  # no loader yet: its state waits for it
+    assert plan.epoch == 3
+    with pytest.raises(ddpseed.StateError) as err:
+        plan.dataloader(range(32), batch_size=8)
+    message = str(err.value)
+    assert "loader 'loader0' was saved with batch size 4 but is now batch size 8" in message
+    assert "restore was undone" in message and "Nothing was restored" not in message
+    assert plan.epoch == 0
+    assert torch.equal(before[0], torch.get_rng_state()) and before[1] == random.getstate()
+    assert (before[2] == np.random.get_state()[1]).all()
+    fresh = plan.dataloader(range(32), batch_size=8)  # the run goes on as a fresh one
+    assert fresh.state_dict()["position"] == 0
+
+
+def test_load_state_before_the_loader_is_made_resumes_when_it_fits(tmp_path: Path) -> None:
+    plan = make_plan()
+    loader = plan.dataloader(range(32), batch_size=4)
+    batches = iter(loader)
+    for _ in range(2):
+        next(batches)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    rest = [b.tolist() for b in batches]
+    plan = make_plan()
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    loader = plan.dataloader(range(32), batch_size=4)
+    assert [b.tolist() for b in loader] == rest
+
+
+def test_iterable_dataset_gets_a_clear_error() -> None:
+    class Stream(IterableDataset[int]):
+        def __iter__(self) -> Any:
+            return iter(range(4))
+
+    with pytest.raises(TypeError, match=r"needs a map-style dataset.*plan\.worker_init_fn"):
+        make_plan().dataloader(Stream(), batch_size=2)
+
+
+def test_state_saved_after_the_last_batch_resumes_with_an_empty_rest(tmp_path: Path) -> None:
+    """Inside the loop after the last batch: nothing left; after StopIteration: a new pass."""
+    plan = make_plan()
+    loader = plan.dataloader(range(16), batch_size=4)
+    batches = iter(loader)
+    for _ in range(4):
+        next(batches)
+    inside = loader.state_dict()
+    list(batches)
+    after = loader.state_dict()
+    assert (inside["position"], inside["finished"]) == (16, False)
+    assert (after["position"], after["finished"]) == (16, True)
+    again = make_plan().dataloader(range(16), batch_size=4)
+    again.load_state_dict(inside)
+    assert list(again) == []
+    again.load_state_dict(after)
+    with pytest.warns(UserWarning, match="second full pass"):  # resuming the same epoch again
+        assert len(list(again)) == 4
