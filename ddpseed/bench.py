@@ -624,7 +624,7 @@ def setup_child(repeats: int) -> Result | None:
     import torch.distributed as dist
 
     import ddpseed
-    from ddpseed.collective import ROWROW_WIDTH
+    from ddpseed.collective import ROW_WIDTH
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     start = time.perf_counter()
