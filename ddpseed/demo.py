@@ -69,7 +69,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kill-at-step", type=int, default=0, help="SIGKILL a rank at this step")
     p.add_argument("--kill-rank", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--val-every", type=int, default=0, help="evaluate a validation set every N steps")
+    p.add_argument(
+        "--probe", action="store_true", help="probe the batch size with next(iter(loader)) first"
+    )
     return p.parse_args(argv)
+
+
+def evaluate(model: nn.Module, loader: Any) -> float:
+    """Mean loss over the whole validation shard (dropout off, no gradients)."""
+    model.eval()
+    with torch.no_grad():
+        losses = [float(nn.functional.cross_entropy(model(x), y)) for x, y in loader]
+    model.train()
+    return sum(losses) / max(1, len(losses))
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,6 +99,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         num_workers=workers,
         persistent_workers=args.persistent_workers and workers > 0,
+        name="train",
+    )
+    val = plan.dataloader(
+        AugmentedBlobs(args.samples // 4), batch_size=args.batch_size, shuffle=False, name="val"
     )
     step, start_epoch, resumed_from = 0, 0, None
     model_ckpt = args.ckpt_dir / "model.pt" if args.ckpt_dir else None
@@ -97,6 +114,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         step = resumed_from = int(saved["step"])
         ddpseed.load_state(rng_ckpt, plan)
         start_epoch = plan.epoch
+    if args.probe:  # the DDP tutorial's batch-size probe: must not move the resume position
+        assert len(next(iter(loader))[0]) == args.batch_size
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     trace: list[tuple[int, float, float]] = []  # (step, batch sum, loss) on rank 0
     for epoch in range(start_epoch, args.epochs):
@@ -108,6 +127,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             opt.step()
             step += 1
             trace.append((step, float(x.double().sum()), float(loss)))
+            if args.val_every and step % args.val_every == 0:
+                trace.append((step, -1.0, evaluate(model, val)))
             if model_ckpt is not None and rng_ckpt is not None and step % args.every == 0:
                 ddpseed.save_state(rng_ckpt, plan)
                 if plan.rank == 0:

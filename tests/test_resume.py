@@ -54,6 +54,23 @@ def test_sigkill_mid_epoch_and_torchrun_restart_is_bitwise_identical(
     assert killed["weights_sha256"] == straight["weights_sha256"]
 
 
+@pytest.mark.parametrize(
+    "extra", [["--val-every", "3"], ["--probe"]], ids=["validation-before-checkpoint", "probe"]
+)
+def test_resume_with_a_validation_loader_or_a_probe_iter_is_bitwise_identical(
+    tmp_path: Path, extra: list[str]
+) -> None:
+    """A validation loader evaluated in full before the checkpoint (steps 3 and 6, checkpoint
+    at 8) evaluates in full again after the restart; a probe next(iter(loader)) after
+    load_state does not move the resumed position."""
+    opts = ["--seed", "77", "--num-workers", "2", *extra]
+    straight = demo_run(tmp_path, "straight", *opts)
+    killed = demo_run(tmp_path, "killed", *opts, *kill_at_step_9(tmp_path), restarts=1)
+    assert (killed["restarts"], killed["resumed_from_step"]) == (1, 8)
+    assert killed["trace"] == [t for t in straight["trace"] if t[0] > 8]
+    assert killed["weights_sha256"] == straight["weights_sha256"]
+
+
 def test_entropy_seed_survives_the_restart(tmp_path: Path) -> None:
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     killed = demo_run(

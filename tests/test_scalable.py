@@ -314,11 +314,14 @@ def test_epoch_is_fixed_when_iteration_starts() -> None:
     assert [first, *rest] == order(s)
 
 
-def test_replay_without_set_epoch_warns() -> None:
+def test_the_sampler_replays_an_epoch_silently_like_torchs() -> None:
+    # The replay warning belongs to the loader, which knows whether a second pass is a replay
+    # (shuffled training) or ordinary (evaluation, probes): tests/test_loader.py checks it there.
     s = ScalableDistributedSampler(range(10), 2, 0)
-    list(s)
-    with pytest.warns(UserWarning, match="set_epoch"):
-        list(s)
+    first = list(s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(s) == first
 
 
 def test_orders_of_distinct_epochs_and_seeds_are_unrelated() -> None:
