@@ -69,7 +69,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kill-at-step", type=int, default=0, help="SIGKILL a rank at this step")
     p.add_argument("--kill-rank", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--val-every", type=int, default=0, help="evaluate a validation set every N steps")
+    p.add_argument(
+        "--val-every", type=int, default=0, help="evaluate a validation set every N steps"
+    )
     p.add_argument(
         "--probe", action="store_true", help="probe the batch size with next(iter(loader)) first"
     )
