@@ -7,6 +7,7 @@
 
 from .derivation import SeedTable, process_seed, seed_table, validate_seed, worker_seed
 from .errors import (
+    ArgumentError,
     CoordinationError,
     DDPSeedError,
     SeedMismatchError,
@@ -24,6 +25,7 @@ from .workers import WorkerInitFn
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "CoordinationError",
     "DDPSeedError",
     "ScalableDistributedSampler",
