@@ -23,7 +23,7 @@ import torch
 
 from .coordinator import share_errors
 from .errors import StateError, first_line
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, open_regular
 
 if TYPE_CHECKING:
     from .plan import SeedPlan
@@ -151,12 +151,15 @@ def read_state(path: str | os.PathLike[str], rank: int) -> dict[str, Any]:
     """Load and verify rank ``rank``'s state file; raises :class:`StateError` naming the file."""
     target = state_path(path, rank)
     try:
-        payload = torch.load(target, map_location="cpu", weights_only=True)
+        with open_regular(target, f"rank {rank}: state file") as fh:
+            payload = torch.load(fh, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise StateError(
             f"rank {rank}: state file {target} does not exist; pass the path given to "
             "save_state (the rank suffix is added for you), or start fresh"
         ) from None
+    except StateError:
+        raise
     except Exception as exc:
         raise StateError(
             f"rank {rank}: state file {target} is truncated or not a ddpseed state file "
