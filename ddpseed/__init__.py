@@ -15,6 +15,7 @@ from .derivation import (
 )
 from .errors import (
     AgreementError,
+    ArgumentError,
     CoordinationError,
     DDPSeedError,
     SeedMismatchError,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgreementError",
+    "ArgumentError",
     "CoordinationError",
     "DDPSeedError",
     "ScalableDistributedSampler",

@@ -43,7 +43,7 @@ class Reports:
 
     def lines(self) -> list[str]:
         """``["rank r: message", ...]`` for the ranks that sent a message, by rank."""
-        return [f"rank {r}: {m}" for r, m in sorted(self.messages.items())]
+        return [f"rank {r}: {strip_rank(m, r)}" for r, m in sorted(self.messages.items())]
 
 
 def ranks_text(ranks: Sequence[int]) -> str:

@@ -21,12 +21,14 @@ from enum import IntEnum
 
 import torch
 import torch.distributed as dist
-from torch.distributed import PrefixStore  # type: ignore[attr-defined]
+from torch.distributed import Backend, PrefixStore  # type: ignore[attr-defined]
+from torch.distributed import distributed_c10d as c10d
 from torch.distributed.rendezvous import rendezvous
 
-from .collective import call_id, exchange, ranks_text
+from .collective import call_id, exchange, ranks_text, strip_rank
 from .derivation import SCHEMES
 from .errors import (
+    ArgumentError,
     CoordinationError,
     SeedMismatchError,
     SeedValueError,
@@ -36,6 +38,8 @@ from .errors import (
 from .topology import Topology
 
 log = logging.getLogger(__name__)
+# Backends whose group timeout torch can change after creation (c10d._set_pg_timeout).
+_SETTABLE = ("gloo", "nccl")
 
 
 class Source(IntEnum):
@@ -136,7 +140,7 @@ def decide(records: Sequence[Proposal]) -> Agreement:
         )
     errors = [(rank, r.error) for rank, r in enumerate(records) if r.error]
     if errors:
-        lines = "\n".join(f"  rank {rank}: {msg}" for rank, msg in errors)
+        lines = "\n".join(f"  rank {rank}: {strip_rank(msg, rank)}" for rank, msg in errors)
         raise SeedValueError(
             f"invalid seed on {len(errors)} of {world_size} ranks; no rank was seeded:\n{lines}"
         )
@@ -214,8 +218,14 @@ def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -
     return exchange(what, (), error, topo, timeout).lines()
 
 
-def ensure_process_group(topo: Topology, backend: str | None, timeout: float) -> bool:
-    """Initialise the default group from ``topo`` unless one exists; True if we created it."""
+def ensure_process_group(
+    topo: Topology, backend: str | None, timeout: float, *, pg_timeout: float | None = None
+) -> bool:
+    """Initialise the default group from ``topo`` unless one exists; True if we created it.
+
+    ``timeout`` bounds the creation. The group then keeps ``pg_timeout`` seconds for its own
+    collectives: torch's default for the backend when None (an existing group is left as is).
+    """
     if not topo.is_distributed:
         return False
     if dist.is_initialized():
@@ -225,6 +235,8 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
                 f"{dist.get_world_size()} but the {topo.launcher} environment says rank "
                 f"{topo.rank}/{topo.world_size}; initialise both from the same launcher"
             )
+        if pg_timeout is not None:
+            _set_group_timeout(pg_timeout, topo)
         return False
     chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     hint = loopback_hint(topo)
@@ -250,6 +262,16 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
     kwargs = {}
     if chosen == "nccl":
         kwargs["device_id"] = torch.device("cuda", topo.local_rank)
+    # Created under the setup timeout, so a rank lost between the rendezvous and its gloo/NCCL
+    # connection fails every rank within it, and only then given its lasting timeout. Where
+    # torch cannot change a group's timeout, the group is made with the lasting one instead.
+    default = getattr(c10d, "_get_default_timeout", None)  # private: may move
+    lasting: timedelta | None = (
+        timedelta(seconds=pg_timeout)
+        if pg_timeout is not None
+        else (default(Backend(chosen)) if default is not None else None)
+    )
+    settable = lasting is not None and hasattr(c10d, "_set_pg_timeout") and chosen in _SETTABLE
     deadline = time.monotonic() + timeout
     try:
         if topo.rank != 0:
@@ -263,7 +285,7 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
             store=PrefixStore(f"ddpseed/attempt_{attempt}", store),
             rank=topo.rank,
             world_size=topo.world_size,
-            timeout=timedelta(seconds=timeout),
+            timeout=timedelta(seconds=timeout) if settable else lasting,
             **kwargs,  # type: ignore[arg-type]
         )
     except Exception as exc:
@@ -275,7 +297,24 @@ def ensure_process_group(topo: Topology, backend: str | None, timeout: float) ->
             " Check that every rank has the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE, that "
             "rank 0 is running, and that the port is free and reachable." + hint
         ) from exc
+    if settable and lasting is not None:
+        _set_group_timeout(lasting.total_seconds(), topo)
     return True
+
+
+def _set_group_timeout(seconds: float, topo: Topology) -> None:
+    """Give the default group ``seconds`` as its collectives' timeout (a private torch API)."""
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    backend = dist.get_backend()
+    if setter is None or backend not in _SETTABLE:
+        raise ArgumentError(
+            f"rank {topo.rank}: torch {torch.__version__} cannot change the timeout of an "
+            f"existing {backend} group, so pg_timeout={seconds:g} cannot apply to the group the "
+            "script made; pass timeout= to your own init_process_group instead, or drop "
+            "pg_timeout"
+        )
+    setter(timedelta(seconds=seconds))
+    log.info("rank %d: process group timeout %gs", topo.rank, seconds)
 
 
 def _wait_for_listener(addr: str, port: int, deadline: float) -> None:

@@ -18,17 +18,20 @@ slots), at the cost of seeds nobody can compute mentally.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from .errors import SeedValueError
+from .errors import SeedValueError, shown
 
 SEED_SPACE = 2**32
 Scheme = Literal["default", "disjoint"]
 SCHEMES: tuple[Scheme, ...] = ("default", "disjoint")
 _MASK = SEED_SPACE - 1
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
+_SEED_DIGITS = len(str(SEED_SPACE - 1))
 
 
 def validate_seed(value: object, *, source: str = "seed") -> int:
@@ -41,28 +44,36 @@ def validate_seed(value: object, *, source: str = "seed") -> int:
     """
     if isinstance(value, bool | float):
         raise SeedValueError(
-            f"{source}={value!r} is a {type(value).__name__}; "
+            f"{source}={shown(value)} is a {type(value).__name__}; "
             f"pass an integer in [0, 2**32), e.g. {source}=1234"
         )
     if isinstance(value, str):
         text = value.strip()
-        if not text or not (text.isdigit() or (text[0] in "+-" and text[1:].isdigit())):
+        # ASCII digits only: str.isdigit() also takes '\u00b2' (which int() refuses) and
+        # '\u0663' (which int() reads as 3).
+        if not _DECIMAL.fullmatch(text):
             raise SeedValueError(
-                f"{source}={value!r} is not a decimal integer; "
+                f"{source}={shown(value)} is not a decimal integer (ASCII digits 0-9); "
                 f"set an integer in [0, 2**32), e.g. {source}=1234, or unset it"
             )
-        seed = int(text)
+        significant = text.lstrip("+-").lstrip("0")
+        if len(significant) > _SEED_DIGITS:  # out of range, and int() may refuse the length
+            raise SeedValueError(
+                f"{source}={shown(value)} has {len(significant)} significant digits, outside "
+                f"[0, 2**32) = [0, {SEED_SPACE}); set an integer in range, e.g. {source}=1234"
+            )
+        seed = int(significant or "0") * (-1 if text.startswith("-") else 1)
     else:
         try:
             seed = operator.index(value)  # type: ignore[arg-type]
         except TypeError:
             raise SeedValueError(
-                f"{source}={value!r} is a {type(value).__name__}, not an integer; "
+                f"{source}={shown(value)} is a {type(value).__name__}, not an integer; "
                 f"pass an integer in [0, 2**32)"
             ) from None
     if not 0 <= seed < SEED_SPACE:
         raise SeedValueError(
-            f"{source}={seed} is outside [0, 2**32) = [0, {SEED_SPACE}); "
+            f"{source}={shown(seed)} is outside [0, 2**32) = [0, {SEED_SPACE}); "
             f"pass a value in range (for example {seed % SEED_SPACE})"
         )
     return seed

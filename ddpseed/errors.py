@@ -14,6 +14,10 @@ class SeedValueError(DDPSeedError, ValueError):
     """A seed that is not an integer in ``[0, 2**32)``."""
 
 
+class ArgumentError(DDPSeedError, ValueError):
+    """An argument outside its domain, e.g. a timeout that is not a finite positive number."""
+
+
 class TopologyError(DDPSeedError):
     """Launcher variables that contradict each other or the machine."""
 
@@ -42,3 +46,29 @@ def first_line(exc: BaseException) -> str:
     """
     lines = str(exc).splitlines()
     return lines[0] if lines else ""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, abbreviated when it is huge.
+
+    >>> shown("42"), shown("9" * 10_000), shown(10**5000)
+    ("'42'", "'99999999999999999999'... (10000 characters)", '<an integer of 5001 digits>')
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        # repr() itself refuses ints over sys.get_int_max_str_digits() digits.
+        return f"<an integer of {_digits(value)} digits>"
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:20]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _digits(value: int) -> int:
+    """Decimal digits of ``abs(value)``, without converting it to a string."""
+    n = abs(value)
+    d = max(1, int((n.bit_length() - 1) * 0.30102999566398120))  # log10(2)
+    while 10**d <= n:
+        d += 1
+    while d > 1 and 10 ** (d - 1) > n:
+        d -= 1
+    return d

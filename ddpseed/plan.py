@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import os
 import platform
 import secrets
 import socket
 import time
 import weakref
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from . import coordinator
 from .collective import disagreement, exchange
 from .coordinator import Proposal, Source, path_id
 from .derivation import SCHEMES, Scheme, process_seed, rule, validate_seed, worker_seed
-from .errors import AgreementError, DDPSeedError, StateError
+from .errors import AgreementError, ArgumentError, DDPSeedError, StateError, shown
 from .files import atomic_write_json
 from .loader import CONTRACT, SeededDataLoader
 from .registry import LoaderRegistry
@@ -39,6 +42,9 @@ TORCH_RELEASE = torch.__version__.split("+")[0]
 ENV_SEED = "DDPSEED_SEED"
 ENV_DETERMINISTIC = "DDPSEED_DETERMINISTIC"
 DEFAULT_TIMEOUT = 300.0
+# Far beyond any job, and clear of the timedelta and microsecond-counter overflows that larger
+# values reach in torch.
+MAX_TIMEOUT = 1e9
 
 
 class SeedPlan:
@@ -447,6 +453,32 @@ def _persist(plan: SeedPlan, run_dir: Path | None, explicit_dir: bool, timeout: 
         )
 
 
+def _check_seconds(name: str, value: object, rank: int) -> None:
+    """Refuse a timeout that is not a finite number of seconds in ``(0, MAX_TIMEOUT]``.
+
+    Called before any collective: torch reads 0 as "no timeout" in places and overflows on
+    inf, so a bad value would otherwise hang or fail with a message blaming the network.
+    """
+    number = float(value) if isinstance(value, numbers.Real) else math.nan
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (pass timedelta.total_seconds())" if isinstance(value, timedelta) else ""
+        reason = f"is a {type(value).__name__}, not a number of seconds{hint}"
+    elif math.isnan(number):
+        reason = "is not a number"
+    elif math.isinf(number):
+        reason = "is infinite: a lost peer would hang the job forever"
+    elif number <= 0:
+        reason = "is not positive"
+    elif number > MAX_TIMEOUT:
+        reason = f"exceeds {MAX_TIMEOUT:g} seconds (about 31 years)"
+    else:
+        return
+    raise ArgumentError(
+        f"rank {rank}: {name}={shown(value)} {reason}; {name} must be a finite number of "
+        f"seconds in (0, {MAX_TIMEOUT:g}], e.g. {name}={DEFAULT_TIMEOUT:g}"
+    )
+
+
 def setup(
     seed: int | str | None = None,
     *,
@@ -455,13 +487,21 @@ def setup(
     backend: str | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     scheme: Scheme = "default",
+    pg_timeout: float | None = None,
 ) -> SeedPlan:
     """Agree on one base seed across the job and seed this rank; call it on every rank.
 
     ``seed`` (else ``DDPSEED_SEED``, else a seed recorded in the run directory, else fresh
-    entropy on rank 0) becomes the base seed. ``timeout`` bounds every collective, in seconds.
+    entropy on rank 0) becomes the base seed. ``timeout`` bounds ddpseed's own collectives
+    (creating the process group, agreeing, checking loaders, saving and loading state), in
+    seconds. ``pg_timeout`` is the process group's own timeout for the training's collectives,
+    in seconds: ``None`` leaves torch's default on a group ddpseed creates, and leaves a group
+    the script made as it is.
     """
     topo = detect()
+    _check_seconds("timeout", timeout, topo.rank)
+    if pg_timeout is not None:
+        _check_seconds("pg_timeout", pg_timeout, topo.rank)
     if deterministic is None:
         deterministic = os.environ.get(ENV_DETERMINISTIC, "").lower() in ("1", "true", "yes", "on")
     flags = tuple(enable_determinism()) if deterministic else ()
@@ -472,7 +512,7 @@ def setup(
         torch.cuda.set_device(cuda_device)
     chosen_dir = resolve_run_dir(run_dir, topo)
     explicit_dir = run_dir is not None or bool(os.environ.get("DDPSEED_RUN_DIR"))
-    coordinator.ensure_process_group(topo, backend, timeout)
+    coordinator.ensure_process_group(topo, backend, timeout, pg_timeout=pg_timeout)
     proposal = dataclasses.replace(
         _explicit_proposal(seed),
         world_size=topo.world_size,

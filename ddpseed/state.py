@@ -36,7 +36,7 @@ import torch
 
 from .collective import call_id, disagreement, exchange
 from .errors import AgreementError, StateError, first_line
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, open_regular
 
 if TYPE_CHECKING:
     from .plan import SeedPlan
@@ -106,9 +106,8 @@ def read_commit(path: str | os.PathLike[str]) -> int | None:
     """The number of the last complete save of ``path``, or None if there is none."""
     record = commit_path(path)
     try:
-        if record.exists() and not record.is_file():
-            raise StateError(f"commit record {record} is not a regular file; move it away")
-        text = record.read_text()
+        with open_regular(record, "commit record") as fh:
+            text = fh.read().decode(errors="replace")
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -210,15 +209,16 @@ def _remove_other_saves(path: str | os.PathLike[str], rank: int, keep: int) -> N
 def read_state(path: str | os.PathLike[str], rank: int, save: int) -> dict[str, Any]:
     """Load and verify rank ``rank``'s file of save ``save``; raises :class:`StateError`."""
     target = state_path(path, rank, save)
-    if target.exists() and not target.is_file():
-        raise StateError(f"state file {target} is not a regular file; move it away")
     try:
-        payload = torch.load(target, map_location="cpu", weights_only=True)
+        with open_regular(target, "state file") as fh:
+            payload = torch.load(fh, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise StateError(
             f"state file {target} of save {save} (the one {commit_path(path)} names) does not "
             "exist; copy every rank's file of that save back, or resume from another checkpoint"
         ) from None
+    except StateError:
+        raise
     except Exception as exc:
         raise StateError(
             f"state file {target} is truncated or not a ddpseed state file "

@@ -150,6 +150,10 @@ def slurm_job_id(env: Mapping[str, str]) -> str:
     return env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or ""
 
 
+# Where a Slurm task finds its nodes, most specific first.
+_NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+
+
 class SlurmEnvironment(LauncherEnvironment):
     """A task started by ``srun`` (inside ``sbatch``/``salloc`` or not)."""
 
@@ -172,9 +176,12 @@ class SlurmEnvironment(LauncherEnvironment):
         env = self.env
         job_id = slurm_job_id(env)
         world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
-        nodes_var = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in env else "SLURM_JOB_NODELIST"
-        nodelist = env.get(nodes_var, env.get("SLURM_NODELIST", ""))
-        hosts = expand_hostlist(nodelist) if nodelist else ["127.0.0.1"]
+        rank = _int(env, "SLURM_PROCID")
+        nodes_var = next((v for v in _NODELIST_VARS if v in env), None)
+        try:
+            hosts = expand_hostlist(env[nodes_var], var=nodes_var) if nodes_var else ["127.0.0.1"]
+        except TopologyError as exc:
+            raise TopologyError(f"rank {rank}: {exc}") from None
         tasks_var = (
             "SLURM_STEP_TASKS_PER_NODE"
             if "SLURM_STEP_TASKS_PER_NODE" in env
@@ -195,7 +202,7 @@ class SlurmEnvironment(LauncherEnvironment):
         default_port = 10000 + int(job_id) % 20000 if job_id.isdigit() else DEFAULT_PORT
         return Topology(
             launcher="slurm",
-            rank=_int(env, "SLURM_PROCID"),
+            rank=rank,
             local_rank=_int(env, "SLURM_LOCALID", 0),
             world_size=world,
             local_world_size=local_world,

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from helpers import ranks
+from helpers import ranks, slurm_install
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_ITEMS = 64  # `ddpseed verify` shards a 64-item dataset
@@ -42,6 +42,14 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+@pytest.fixture(scope="session")
+def slurm_installed() -> float:
+    """Slurm and munge on PATH, installed with apt-get (under a file lock) if missing; the
+    seconds spent installing. Every test that needs a Slurm binary asks for this, so none of
+    them depends on another having run first."""
+    return slurm_install.ensure_slurm_installed()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import string
 from pathlib import Path
 
@@ -27,11 +26,9 @@ from ddpseed.topology import SlurmEnvironment, TorchrunEnvironment, detect
 
 
 @pytest.fixture
-def scontrol_conf(tmp_path, monkeypatch) -> None:
-    """scontrol with a minimal config of its own: without one it looks for the controller in
-    DNS (SRV records) before giving up."""
-    if shutil.which("scontrol") is None:
-        pytest.skip("scontrol is not installed (Debian's slurm-client)")
+def scontrol_conf(slurm_installed, tmp_path, monkeypatch) -> None:
+    """scontrol (installed by the session fixture if missing) with a minimal config of its own:
+    without one it looks for the controller in DNS (SRV records) before giving up."""
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=parsers\nSlurmctldHost=localhost\n")
     monkeypatch.setenv("SLURM_CONF", str(conf))
@@ -104,10 +101,8 @@ def _groups(draw):
 
 @settings(max_examples=40, deadline=None)
 @given(nodelist=_groups())
-def test_scontrol_and_python_hostlist_agree(nodelist):
+def test_scontrol_and_python_hostlist_agree(slurm_installed, nodelist):
     """Both expanders give the same hosts, so ranks never depend on Slurm being installed."""
-    if shutil.which("scontrol") is None:
-        pytest.skip("scontrol is not installed")
     expected = python_hostlist.expand_hostlist(nodelist)
     assert expand_hostlist(nodelist, use_scontrol=False) == expected
     conf = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddpseed-parsers-{os.getpid()}.conf"

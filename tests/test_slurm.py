@@ -8,13 +8,13 @@ configuration is used or changed, so several clusters can run side by side.
 Under xdist all tests of this module share one cluster when run with ``--dist loadgroup``
 (they are in one ``xdist_group``); with plain ``-n auto`` each worker that gets one of them
 builds its own cluster, which is slower but just as correct. The packages are installed once,
-under a file lock, if missing.
+under a file lock, if missing (tests/helpers/slurm_install.py, through conftest's
+``slurm_installed``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -40,9 +40,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 HELPERS = Path(__file__).resolve().parent / "helpers"
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged")
-INSTALL_LOCK = Path(tempfile.gettempdir()) / "ddpseed-test-slurm-install.lock"
 TERMINAL = {
     "COMPLETED",
     "FAILED",
@@ -60,49 +57,6 @@ def _run(cmd: Sequence[str], timeout: float = 60, **kw) -> subprocess.CompletedP
     return subprocess.run(
         list(cmd), capture_output=True, text=True, timeout=timeout, check=False, **kw
     )
-
-
-def _missing() -> list[str]:
-    return [b for b in BINARIES if shutil.which(b) is None]
-
-
-def ensure_slurm_installed() -> float:
-    """Install Slurm and munge with apt-get unless present; seconds spent installing."""
-    if not _missing():
-        return 0.0
-    if os.geteuid() != 0:
-        pytest.skip(
-            f"Slurm is not installed ({', '.join(_missing())} missing) and installing it needs root"
-        )
-    if shutil.which("apt-get") is None:
-        pytest.skip(
-            f"Slurm is not installed ({', '.join(_missing())} missing) and there is no "
-            "apt-get to install it"
-        )
-    started = time.monotonic()
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = [
-        "apt-get",
-        "install",
-        "-y",
-        "-q",
-        "-o",
-        "DPkg::Lock::Timeout=300",
-        "--no-install-recommends",
-        *PACKAGES,
-    ]
-    with INSTALL_LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one installer at a time across xdist workers
-        if _missing():
-            done = _run(install, timeout=900, env=env)
-            if done.returncode != 0:  # stale package lists on a fresh machine
-                _run(["apt-get", "update", "-q"], timeout=600, env=env)
-                done = _run(install, timeout=900, env=env)
-            assert done.returncode == 0, (
-                f"apt-get install failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-            )
-    assert not _missing(), f"still missing after install: {_missing()}"
-    return time.monotonic() - started
 
 
 @dataclass
@@ -334,12 +288,12 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=30 State=UP
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+def slurm(slurm_installed: float) -> Iterator[SlurmCluster]:
     if sys.platform != "linux":
         pytest.skip("the Slurm testbed runs on Linux only")
     if os.geteuid() != 0:
         pytest.skip("running slurmd (which starts jobs as their users) needs root")
-    install_seconds = ensure_slurm_installed()
+    install_seconds = slurm_installed
     # Unix socket paths must stay short (108 bytes): use a short directory of our own.
     root = Path(tempfile.mkdtemp(prefix="ddpseed-slurm-"))
     cluster = SlurmCluster(root, install_seconds=install_seconds)
