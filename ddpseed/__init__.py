@@ -9,6 +9,7 @@ from .derivation import SeedTable, process_seed, seed_table, validate_seed, work
 from .errors import (
     CoordinationError,
     DDPSeedError,
+    RunDirError,
     SeedMismatchError,
     SeedValueError,
     StateError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CoordinationError",
     "DDPSeedError",
+    "RunDirError",
     "ScalableDistributedSampler",
     "SeedMismatchError",
     "SeedPlan",
