@@ -38,6 +38,10 @@ class StateError(DDPSeedError):
     """A state file that is missing, torn, corrupted, or from another run."""
 
 
+class RunDirError(DDPSeedError, ValueError):
+    """A ``run_dir`` argument that names no directory."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, for one-line summaries of a lower-level error.
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, Sampler
 
-from . import coordinator
+from . import coordinator, rundir
 from .collective import disagreement, exchange
 from .coordinator import Proposal, Source, path_id
 from .derivation import SCHEMES, Scheme, process_seed, rule, validate_seed, worker_seed
@@ -28,7 +28,7 @@ from .errors import AgreementError, ArgumentError, DDPSeedError, StateError, sho
 from .files import atomic_write_json
 from .loader import CONTRACT, SeededDataLoader
 from .registry import LoaderRegistry
-from .rundir import MANIFEST_FILE, read_seed_record, resolve_run_dir, write_seed_record
+from .rundir import MANIFEST_FILE, SEED_FILE, Found, RunDir, SeedRecord
 from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
 from .seeding import capture_rngs, enable_determinism, local_cuda_device, restore_rngs, seed_process
@@ -418,39 +418,118 @@ def _explicit_proposal(seed: object) -> Proposal:
     return Proposal()
 
 
-def _fallback(proposal: Proposal, run_dir: Path | None) -> Proposal:
-    """Rank 0's seed for when nobody is explicit: the run record, else fresh entropy."""
-    try:
-        recorded = read_seed_record(run_dir) if run_dir is not None else None
-    except DDPSeedError as exc:
-        return dataclasses.replace(proposal, error=str(exc))
-    if recorded is not None:
-        return dataclasses.replace(proposal, fallback=recorded, fallback_source=Source.RECORD)
-    return dataclasses.replace(
-        proposal, fallback=secrets.randbits(32), fallback_source=Source.ENTROPY
+def _fallback(
+    proposal: Proposal, where: RunDir | None, timeout: float
+) -> tuple[Proposal, Found | None, str]:
+    """Rank 0: this launch's run record, and the seed to use when nobody is explicit.
+
+    Returns the proposal, what rank 0 found (None when it did not look) and the error it hit
+    reading the record. An error, or an explicit seed meeting a record, asks for the record
+    step, where rank 0 checks the agreed seed against the record and every rank learns the
+    outcome (a :class:`StateError` on every rank).
+    """
+    found: Found | None = None
+    error = ""
+    if where is not None and (proposal.seed is None or where.explicit or where.restart):
+        try:
+            found = rundir.find_record(where, timeout)
+        except DDPSeedError as exc:
+            error = str(exc)
+    recorded = found.record if found is not None else None
+    if error or (recorded is not None and proposal.seed is not None):
+        proposal = dataclasses.replace(proposal, explicit_dir=True)
+    if proposal.seed is not None:
+        return proposal, found, error
+    if error or recorded is not None:
+        # Source.RECORD takes the record step; on an error nobody is seeded with the placeholder.
+        seed = recorded.base_seed if recorded is not None else 0
+        return (
+            dataclasses.replace(proposal, fallback=seed, fallback_source=Source.RECORD),
+            found,
+            error,
+        )
+    if where is not None and where.restart:
+        log.warning(
+            "%s of this launch, but %s holds no run record (the first attempt never reached "
+            "ddpseed.setup, or its record was removed): drawing a new seed, so a checkpoint "
+            "of an earlier attempt will not load; pass its seed= to resume it",
+            where.restart,
+            found.dir if found is not None else where.path,
+        )
+    fresh = secrets.randbits(32)
+    return (
+        dataclasses.replace(proposal, fallback=fresh, fallback_source=Source.ENTROPY),
+        found,
+        error,
     )
 
 
-def _persist(plan: SeedPlan, run_dir: Path | None, explicit_dir: bool, timeout: float) -> None:
-    """Rank 0 writes the seed record and manifest; every rank learns whether that worked.
+def _persist(
+    plan: SeedPlan, where: RunDir | None, found: Found | None, error: str, timeout: float
+) -> None:
+    """The record step: rank 0 checks or writes the seed record (and in a directory the user
+    named, the manifest); every rank learns whether that worked.
 
     Called on every rank when the agreement says rank 0 keeps a record, whatever directory
     (if any) the other ranks were given: the decision is rank 0's, made from agreed inputs.
+    The record is never rewritten: a seed that contradicts it stops every rank.
     """
-    error = ""
-    if plan.rank == 0 and run_dir is not None:
+    reused: SeedRecord | None = None
+    if plan.rank == 0 and not error:
         try:
-            write_seed_record(run_dir, plan.base_seed, plan.seed_source)
-            if explicit_dir:
-                atomic_write_json(run_dir / MANIFEST_FILE, plan.manifest(), what="manifest")
+            error, reused = _check_or_write(plan, found)
+            if not error and where is not None and where.explicit and found is not None:
+                atomic_write_json(found.dir / MANIFEST_FILE, plan.manifest(), what="manifest")
         except StateError as exc:
             error = str(exc)
+    if plan.rank != 0:
+        error = ""
     failures = coordinator.share_errors(error or None, plan.topology, timeout, "the run record")
     if failures:
+        shown = found.dir if found is not None else (where.path if where else "rank 0's run dir")
         raise StateError(
-            f"rank 0 could not write the run record in {run_dir}; no rank continues:\n"
+            f"rank 0 could not use the run record in {shown}; no rank continues:\n"
             + "\n".join(f"  {line}" for line in failures)
         )
+    if plan.seed_source == Source.RECORD.label:
+        # Once per job, not once per rank: rank 0 warns, the others note it at INFO.
+        if reused is not None:
+            log.warning(
+                "base seed %d reused from the run record (source: %s, created %s by %s): %s "
+                "continues it%s. A new launch draws its own seed; pass run_dir= or seed= to "
+                "continue a record explicitly",
+                reused.base_seed,
+                reused.source,
+                reused.created,
+                reused.launch,
+                reused.path,
+                f" ({where.restart})" if where is not None and where.restart else "",
+            )
+        else:
+            log.info(
+                "rank %d: base seed %d reused from rank 0's run record", plan.rank, plan.base_seed
+            )
+
+
+def _check_or_write(plan: SeedPlan, found: Found | None) -> tuple[str, SeedRecord | None]:
+    """Rank 0: the error of this record step ("" if none) and the record it continues."""
+    if found is None:
+        return "", None
+    record = found.record
+    if record is None:
+        record = rundir.create_seed_record(found, plan.base_seed, plan.seed_source)
+        if record.base_seed == plan.base_seed:
+            return "", None
+    if record.base_seed != plan.base_seed:
+        log.error("refusing to overwrite %s with base seed %d", record.describe(), plan.base_seed)
+        return (
+            f"{SEED_FILE} holds base seed {record.base_seed} (source: {record.source}), never "
+            f"overwritten; this run's is {plan.base_seed} (from {plan.seed_source}): pass "
+            f"seed={record.base_seed} or no seed to continue that run, or a new run_dir=",
+            None,
+        )
+    rundir.mark_used(record)
+    return "", record if plan.seed_source == Source.RECORD.label else None
 
 
 def _check_seconds(name: str, value: object, rank: int) -> None:
@@ -510,14 +589,13 @@ def setup(
         # Before any collective: on nccl the agreement's tensors go to the current device, and
         # without this every rank of a node would put them on cuda:0.
         torch.cuda.set_device(cuda_device)
-    chosen_dir = resolve_run_dir(run_dir, topo)
-    explicit_dir = run_dir is not None or bool(os.environ.get("DDPSEED_RUN_DIR"))
+    where = rundir.resolve_run_dir(run_dir, topo)
     coordinator.ensure_process_group(topo, backend, timeout, pg_timeout=pg_timeout)
     proposal = dataclasses.replace(
         _explicit_proposal(seed),
         world_size=topo.world_size,
-        run_dir=path_id(str(chosen_dir) if chosen_dir is not None else None),
-        explicit_dir=explicit_dir,
+        run_dir=path_id(str(where.path) if where is not None else None),
+        explicit_dir=where is not None and where.explicit,
         scheme=SCHEMES.index(scheme) if scheme in SCHEMES else 0,
         deterministic=bool(deterministic),
     )
@@ -525,8 +603,13 @@ def setup(
         proposal = dataclasses.replace(
             proposal, error=f"scheme={scheme!r} is not one of {SCHEMES}; fix the setup() call"
         )
-    if topo.rank == 0 and proposal.seed is None and proposal.error is None:
-        proposal = _fallback(proposal, chosen_dir)
+    found: Found | None = None
+    record_error = ""
+    if topo.rank == 0 and proposal.error is None:
+        proposal, found, record_error = _fallback(proposal, where, timeout)
+    chosen_dir = (
+        found.dir if found is not None else (where.path if where and where.explicit else None)
+    )
     agreement = coordinator.agree(proposal, topo, timeout)
     if topo.rank in agreement.other_run_dir:
         log.warning(
@@ -534,7 +617,7 @@ def setup(
             "run record, so this rank's is unused (give every rank the same run_dir= or "
             "DDPSEED_RUN_DIR)",
             topo.rank,
-            chosen_dir,
+            where.path if where is not None else None,
         )
     if agreement.source == Source.ENTROPY:
         # Once per job, not once per rank: rank 0 warns, the others note it at INFO.
@@ -555,7 +638,7 @@ def setup(
         timeout=timeout,
     )
     if agreement.record:
-        _persist(plan, chosen_dir, explicit_dir, timeout)
+        _persist(plan, where, found, record_error, timeout)
     seed_process(plan.process_seed, cuda_device=cuda_device)
     log.info("%r from %s; %r", plan, plan.seed_source, topo)
     return plan

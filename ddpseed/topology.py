@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -38,7 +39,9 @@ class Topology:
     num_nodes: int
     master_addr: str
     master_port: int
-    # Identifies the job across restarts (torchrun's rdzv id, Slurm's job id), if any.
+    # Names the launch across its restarts, if the launcher gives it a name: Slurm's job and
+    # step ids ("slurm-<job>.<step>", kept by a requeue), else "torchrun[-<rdzv id>]", which
+    # ddpseed.rundir completes with a key kept in torchrun's agent store (one per launch).
     run_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -125,7 +128,7 @@ class TorchrunEnvironment(LauncherEnvironment):
         world = _int(env, "WORLD_SIZE")
         local_world = _int(env, "LOCAL_WORLD_SIZE", world)
         num_nodes = _int(env, "GROUP_WORLD_SIZE", -(-world // max(local_world, 1)))
-        run_id = env.get("TORCHELASTIC_RUN_ID")
+        rdzv_id = env.get("TORCHELASTIC_RUN_ID")
         return Topology(
             launcher="torchrun",
             rank=rank,
@@ -136,8 +139,7 @@ class TorchrunEnvironment(LauncherEnvironment):
             num_nodes=num_nodes,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
-            # torchrun's default rdzv id is the literal "none": not an identity.
-            run_id=None if run_id in (None, "", "none") else f"torchrun-{run_id}",
+            run_id=slurm_run_id(env) or torchrun_run_id(rdzv_id),
         )
 
 
@@ -148,6 +150,48 @@ def slurm_job_id(env: Mapping[str, str]) -> str:
     ('17', '')
     """
     return env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or ""
+
+
+def slurm_run_id(env: Mapping[str, str]) -> str | None:
+    """The Slurm job step this process belongs to, as a run id: ``slurm-<job>.<step>``.
+
+    A requeued job keeps its job id and numbers its steps from 0 again, so each ``srun`` step
+    is one run and a requeue continues it; the batch script itself is step ``batch``.
+
+    >>> slurm_run_id({"SLURM_JOB_ID": "17", "SLURM_STEP_ID": "2"}), slurm_run_id({})
+    ('slurm-17.2', None)
+    >>> slurm_run_id({"SLURM_JOB_ID": "17"})
+    'slurm-17.batch'
+    """
+    job = slurm_job_id(env)
+    if not job:
+        return None
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) or "batch"
+    return safe_name(f"slurm-{job}.{step}")
+
+
+def torchrun_run_id(rdzv_id: str | None) -> str | None:
+    """``torchrun[-<rdzv id>]`` for a torchrun worker (None outside torchrun).
+
+    The rendezvous id alone names no launch: torchrun's default is the literal ``none``, and
+    a script may pass the same ``--rdzv-id`` to every job. ``ddpseed.rundir`` appends a key
+    that torchrun's agent store keeps for the launch's lifetime.
+
+    >>> torchrun_run_id("none"), torchrun_run_id("exp/42"), torchrun_run_id(None)
+    ('torchrun', 'torchrun-exp_42', None)
+    """
+    if rdzv_id is None:
+        return None
+    return "torchrun" if rdzv_id in ("", "none") else safe_name(f"torchrun-{rdzv_id}")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one path component: only ``[A-Za-z0-9._-]``, at most 100 characters.
+
+    >>> safe_name("torchrun-../x y")
+    'torchrun-.._x_y'
+    """
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:100]
 
 
 # Where a Slurm task finds its nodes, most specific first.
@@ -210,7 +254,7 @@ class SlurmEnvironment(LauncherEnvironment):
             num_nodes=_int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", len(hosts))),
             master_addr=env.get("MASTER_ADDR") or hosts[0],
             master_port=_int(env, "MASTER_PORT", default_port),
-            run_id=f"slurm-{job_id}" if job_id else None,
+            run_id=slurm_run_id(env),
         )
 
 
@@ -224,7 +268,6 @@ class SingleEnvironment(LauncherEnvironment):
 
     def topology(self) -> Topology:
         env = self.env
-        job_id = slurm_job_id(env)
         return Topology(
             launcher="single",
             rank=0,
@@ -235,7 +278,7 @@ class SingleEnvironment(LauncherEnvironment):
             num_nodes=1,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
-            run_id=f"slurm-{job_id}" if job_id else None,
+            run_id=slurm_run_id(env),
         )
 
 

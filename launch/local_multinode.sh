@@ -124,9 +124,11 @@ master=127.0.0.1
 echo "local_multinode.sh: $NNODES nodes x $NPROC_PER_NODE ranks, $MODE mode, $RDZV rendezvous" \
     "at $master:$MASTER_PORT" >&2
 
+# One rendezvous id per run of this script, the same for all of its nodes.
+run_id=$tag-$(date -u +%Y%m%dT%H%M%SZ)
 for ((i = 0; i < NNODES; i++)); do
     node_env=(NNODES="$NNODES" NPROC_PER_NODE="$NPROC_PER_NODE" NODE_RANK="$i" RDZV="$RDZV"
-        MASTER_ADDR="$master" MASTER_PORT="$MASTER_PORT" RUN_ID="$tag")
+        MASTER_ADDR="$master" MASTER_PORT="$MASTER_PORT" RUN_ID="$run_id")
     if [[ $MODE == netns ]]; then
         # gloo (and NCCL's bootstrap) must use the namespace's interface, and the c10d store
         # must advertise this node's address rather than the shared hostname.

@@ -28,7 +28,9 @@
 #   MASTER_ADDR     --master-addr HOST     address of node 0 / the c10d store (default 127.0.0.1)
 #   MASTER_PORT     --master-port PORT     its TCP port (default 29500)
 #   RDZV            --rdzv static|c10d     rendezvous kind (default static)
-#   RUN_ID          --run-id ID            c10d rendezvous id, same on every node (default ddpseed)
+#   RUN_ID          --run-id ID            c10d rendezvous id, same on every node and new for
+#                                          every job (default: slurm-<job id> inside Slurm; a
+#                                          fresh one when NNODES=1; required otherwise)
 #   LOCAL_ADDR      --local-addr ADDR      address other nodes reach this one at (c10d; set it
 #                                          when the hostname does not resolve to that address)
 #   RDZV_IS_HOST    --rdzv-is-host 0|1     c10d: whether this node runs the rendezvous store.
@@ -52,7 +54,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV=${RDZV:-static}
-RUN_ID=${RUN_ID:-ddpseed}
+RUN_ID=${RUN_ID:-}
 LOCAL_ADDR=${LOCAL_ADDR:-}
 RDZV_IS_HOST=${RDZV_IS_HOST:-}
 PYTHON=${PYTHON:-}
@@ -138,7 +140,19 @@ case $RDZV in
         ;;
     c10d)
         # The node whose address is MASTER_ADDR hosts the store; node ranks come from arrival
-        # order, so NODE_RANK is ignored. RUN_ID keeps concurrent jobs on one store apart.
+        # order, so NODE_RANK is ignored. RUN_ID keeps concurrent jobs on one store apart, so
+        # it must be new for every job: no constant default.
+        if [[ -z $RUN_ID ]]; then
+            if [[ -n ${SLURM_JOB_ID:-} ]]; then
+                RUN_ID=slurm-$SLURM_JOB_ID
+            elif [[ $NNODES == 1 ]]; then
+                RUN_ID=ddpseed-$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM
+            else
+                die "RDZV=c10d on $NNODES nodes needs RUN_ID: the same id on every node, new for" \
+                    "every job (e.g. RUN_ID=exp42-\$(date +%Y%m%d%H%M)); inside Slurm it" \
+                    "defaults to the job id"
+            fi
+        fi
         args+=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RUN_ID")
         # torchrun recognises the store's host by its hostname's addresses only; a node whose
         # hostname resolves elsewhere (loopback, another interface) must be told.

@@ -296,12 +296,12 @@ def test_manifest_write_failure_stops_every_rank(small_fs: Path, how: str) -> No
     assert all(r.returncode == 0 for r in results), results[0].stderr[-2000:]
     before = (run_dir / "manifest.json").read_bytes()
     if how == "full":
-        _fill(small_fs)  # the new seed (5) must be recorded, and there is no room for it
+        _fill(small_fs)  # this attempt's manifest must be written, and there is no room for it
     else:
         subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
-    results = run(2, env={"DDPSEED_SEED": "5", "FAULT_RUN_DIR": str(run_dir)})
+    results = run(2, env={"DDPSEED_SEED": "4", "FAULT_RUN_DIR": str(run_dir)})
     errs = assert_every_live_rank_failed(results, "StateError")
     for rank in (0, 1):  # rank 0's own reason reaches rank 1 too
-        assert "rank 0 could not write the run record" in errs[rank]
-        assert "could not write seed record" in errs[rank]
+        assert "rank 0 could not use the run record" in errs[rank]
+        assert "could not write manifest" in errs[rank]
     assert (run_dir / "manifest.json").read_bytes() == before

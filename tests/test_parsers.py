@@ -285,13 +285,13 @@ def _summary(topo):
 def test_detect_torchrun_single_node():
     topo = detect(TORCHRUN_SINGLE_NODE_RANK1)
     assert _summary(topo) == ("torchrun", 1, 1, 2, 2, 0, 1, "localhost", 35879)
-    assert topo.run_id == "torchrun-23b7f104-5eac-425d-9696-ada6cfa094f1"
+    assert topo.run_id == "torchrun-23b7f104-5eac-425d-9696-ada6cfa094f1"  # + the launch key
 
 
 def test_detect_torchrun_multi_node():
     topo = detect(TORCHRUN_NODE1_RANK3)
     assert _summary(topo) == ("torchrun", 3, 1, 4, 2, 1, 2, "127.0.0.1", 29571)
-    assert topo.run_id is None  # torchrun's default rdzv id "none" identifies nothing
+    assert topo.run_id == "torchrun"  # rdzv id "none": only the launch key names the launch
 
 
 def test_detect_srun_task(monkeypatch):
@@ -299,7 +299,7 @@ def test_detect_srun_task(monkeypatch):
     topo = detect(SRUN_TASK3)
     # No MASTER_ADDR: the first host of the nodelist, and the port derived from the job id.
     assert _summary(topo) == ("slurm", 3, 1, 4, 2, 1, 2, "n1", 10000 + 1000 % 20000)
-    assert topo.run_id == "slurm-1000"
+    assert topo.run_id == "slurm-1000.0"  # each srun step is its own run
     with_master = detect({**SRUN_TASK3, "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "12345"})
     assert (with_master.master_addr, with_master.master_port) == ("10.0.0.5", 12345)
 
@@ -309,19 +309,20 @@ def test_detect_sbatch_batch_script_is_single(caplog):
     with caplog.at_level(logging.INFO, logger="ddpseed.topology"):
         topo = detect(SBATCH_BATCH_SCRIPT)
     assert _summary(topo)[:7] == ("single", 0, 0, 1, 1, 0, 1)
-    assert topo.run_id == "slurm-1000"
+    assert topo.run_id == "slurm-1000.batch"
     assert any(
         "outside srun" in r.getMessage() and "1000" in r.getMessage() for r in caplog.records
     ), caplog.text
     # older Slurm versions and some site wrappers set only the deprecated SLURM_JOBID
     legacy = {k: v for k, v in SBATCH_BATCH_SCRIPT.items() if k != "SLURM_JOB_ID"}
-    assert detect(legacy).run_id == "slurm-1000"
+    assert detect(legacy).run_id == "slurm-1000.batch"
 
 
 def test_detect_torchrun_inside_sbatch_wins():
     assert SlurmEnvironment(TORCHRUN_IN_SBATCH_RANK3).activated()
     topo = detect(TORCHRUN_IN_SBATCH_RANK3)
     assert _summary(topo) == ("torchrun", 3, 1, 4, 2, 1, 2, "127.0.0.1", 29571)
+    assert topo.run_id == "slurm-1000.0"  # the Slurm step, which a requeue keeps
 
 
 def test_detect_plain_python():

@@ -137,16 +137,17 @@ def test_run_dir_records_entropy_seed_and_manifest(tmp_path: Path) -> None:
     assert (again.base_seed, again.seed_source) == (first.base_seed, "run record")
 
 
-def test_torchelastic_run_id_names_a_run_dir(
+def test_torchelastic_run_id_alone_names_no_run_dir(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    # An rdzv id is not a launch: torchrun's agent store holds the launch key (see
+    # test_run_identity); without that store there is nothing to continue.
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
-    first = ddpseed.setup()
-    record = tmp_path / "cache" / "ddpseed" / "runs" / "torchrun-job42" / "seed.json"
-    assert json.loads(record.read_text())["base_seed"] == first.base_seed
-    assert ddpseed.setup().base_seed == first.base_seed
+    first, second = ddpseed.setup(), ddpseed.setup()
+    assert (first.seed_source, second.seed_source) == ("entropy", "entropy")
+    assert first.run_dir is None and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("world", [1, 3, 4])

@@ -160,13 +160,17 @@ def torchrun(
     extra: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     cwd: str | Path | None = None,
+    standalone: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``torchrun --standalone --nproc_per_node=nproc`` in its own session, bounded."""
+    """Run ``torchrun --standalone --nproc_per_node=nproc`` in its own session, bounded.
+
+    ``standalone=False`` leaves the rendezvous to ``extra`` (static: ``--master-port``; c10d:
+    ``--rdzv-backend``, ``--rdzv-endpoint``, ``--rdzv-id``)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *(["--standalone"] if standalone else []),
         f"--nproc_per_node={nproc}",
         *extra,
         *module_args,
