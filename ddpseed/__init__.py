@@ -25,9 +25,10 @@ from .errors import (
     TopologyError,
 )
 from .loader import SeededDataLoader
-from .plan import SeedPlan, setup, topology
+from .plan import SeedPlan
 from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
+from .startup import setup, topology
 from .state import load_state, save_state
 from .topology import Topology
 from .workers import WorkerInitFn

@@ -8,9 +8,13 @@ Every measurement runs in a fresh interpreter, so ``ru_maxrss`` belongs to that 
 Then, up to N = 1e7, torch and ``SeededDistributedSampler`` are paired in one warm interpreter
 for a time budget (see :mod:`ddpseed.paired`), which resolves a few percent on a noisy machine.
 
-Section 2 times ``ddpseed.setup`` on an existing gloo process group against torch's broadcast of
+Section 2 compares the throughput of ``plan.dataloader`` with torch's ``DataLoader`` +
+``DistributedSampler`` (see :mod:`ddpseed.loaderbench`), paired in one warm process.
+
+Section 3 times ``ddpseed.setup`` on an existing gloo process group against torch's broadcast of
 one int64 tensor and torch's own gather + broadcast of the same records, for local worlds of
-several sizes.
+several sizes, and the agreement checks a distributed loader makes (one small collective when
+it is made and at each ``iter()``).
 
 Run ``ddpseed bench`` (or ``python -m ddpseed.bench``); ``--quick`` is a smoke test.
 """
@@ -32,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import paired
+from . import loaderbench, paired
 
 SUMMARY = "Measure ddpseed's samplers and ddpseed.setup against bare torch."
 REPLICAS = 8
@@ -69,6 +73,9 @@ PAIRED_MAX_N = 10**7
 PAIRED_SECONDS = 120.0
 QUICK_PAIRED_SECONDS = 1.0
 SETUP_SEED = 1234
+LOADER_SECONDS = 60.0
+BATCH_FLOOR = 256  # --quick shrinks the loader passes, to no fewer samples than this
+QUICK_LOADER_SECONDS = 1.0
 # Setup takes milliseconds, so its medians are taken over more rounds than the samplers'.
 SETUP_ROUNDS_PER_REPEAT = 10
 Result = dict[str, Any]
@@ -116,7 +123,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test")
     parser.add_argument("--skip-setup", action="store_true", help="only the sampler section")
-    parser.add_argument("--skip-samplers", action="store_true", help="only the setup section")
+    parser.add_argument("--skip-samplers", action="store_true", help="no sampler section")
+    parser.add_argument("--skip-loader", action="store_true", help="no loader section")
+    parser.add_argument(
+        "--loader-seconds",
+        type=float,
+        default=None,
+        help="time budget per case of the paired loader rounds (default "
+        f"{LOADER_SECONDS:.0f}, {QUICK_LOADER_SECONDS:.0f} with --quick)",
+    )
     parser.add_argument(
         "--json",
         nargs="?",
@@ -170,14 +185,17 @@ def _child_cmd(*args: object) -> list[str]:
 
 
 def child_main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the measuring processes: ``sampler KIND N``, ``paired N SECONDS`` or
-    ``setup REPEATS``."""
+    """Entry point of the measuring processes: ``sampler KIND N``, ``paired N SECONDS``,
+    ``loader COST_MS WORKERS N SECONDS`` or ``setup REPEATS``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     result: Result | None
     if argv[0] == "sampler":
         result = sampler_child(argv[1], int(argv[2]))
     elif argv[0] == "paired":
         result = paired_child(int(argv[1]), float(argv[2]))
+    elif argv[0] == "loader":
+        cost, workers, n, seconds = float(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])
+        result = loaderbench.loader_child(cost, workers, n, seconds)
     else:
         result = setup_child(int(argv[1]))
     if result:
@@ -511,6 +529,24 @@ def paired_section(sizes: list[int], seconds: float) -> list[Result]:
     return results
 
 
+def loader_section(seconds: float, quick: bool) -> list[Result]:
+    out()
+    out("== plan.dataloader vs torch's DataLoader + DistributedSampler, paired in one process ==")
+    out(f"   shuffled, batch {loaderbench.BATCH}, rank 0 of 1; torch, plan.dataloader and torch")
+    out("   again, one epoch each per round, cycling through every order, for")
+    out(f"   ~{seconds:.0f} s per case; figures: median per-round samples/s ratio to torch")
+    out("   [95% CI of the median]; A/A: this run's noise floor")
+    out(loaderbench.HEADER)
+    results = []
+    for name, cost, workers, n in loaderbench.CASES:
+        n = max(BATCH_FLOOR, n // 20) if quick else n
+        cmd = _child_cmd("loader", cost, workers, n, seconds)
+        child = _run_child(cmd, _child_env(), 3 * seconds + CHILD_TIMEOUT)
+        results.append(loaderbench.summarize(name, cost, workers, n, child))
+        out(loaderbench.row(results[-1]))
+    return results
+
+
 def target_lines(results: list[Result], warm: Sequence[Result] = ()) -> list[str]:
     """The issue's targets, checked on the largest N where each can be measured.
 
@@ -659,9 +695,43 @@ def setup_child(repeats: int) -> Result | None:
         times.append([init, *took])
     slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a collective is as slow as its last rank
+    checks = torch.tensor(_loader_checks(repeats), dtype=torch.float64)
+    dist.all_reduce(checks, op=dist.ReduceOp.MAX)
     dist.destroy_process_group()
-    report = {"world": world, "times": slowest.tolist(), "collectives": log.calls}
+    report = {
+        "world": world,
+        "times": slowest.tolist(),
+        "checks": checks.tolist(),
+        "collectives": log.calls,
+    }
     return report if rank == 0 else None
+
+
+def _loader_checks(repeats: int) -> list[list[float]]:
+    """Per round: making a loader and one ``iter()`` of it, distributed (checked) then local.
+
+    The differences are the agreement checks: one small collective each.
+    """
+    import torch.distributed as dist
+
+    import ddpseed
+
+    plan = ddpseed.setup(seed=SETUP_SEED)
+    data = list(range(1024))
+    rounds = []
+    for _ in range(repeats + 1):
+        row = []
+        for distributed in (True, False):
+            dist.barrier()
+            start = time.perf_counter()
+            loader = plan.dataloader(data, batch_size=8, distributed=distributed)
+            made = time.perf_counter() - start
+            dist.barrier()
+            start = time.perf_counter()
+            iter(loader)
+            row += [made, time.perf_counter() - start]
+        rounds.append(row)
+    return rounds
 
 
 def measure_setup(world: int, repeats: int, timeout: float = CHILD_TIMEOUT) -> Result:
@@ -683,6 +753,9 @@ def measure_setup(world: int, repeats: int, timeout: float = CHILD_TIMEOUT) -> R
         "setup_s": statistics.median(t[3] for t in warm),
         "setup_first_s": times[0][3],
         "collectives": child["collectives"],
+        # The agreement checks of a distributed loader: checked minus local, medians.
+        "loader_check_s": statistics.median(c[0] - c[2] for c in child["checks"][1:]),
+        "iter_check_s": statistics.median(c[1] - c[3] for c in child["checks"][1:]),
     }
 
 
@@ -731,10 +804,13 @@ def setup_section(worlds: list[int], repeats: int) -> list[Result]:
     out(f"   of {repeats} warm rounds; broadcast: torch's broadcast of one int64; 2 rounds:")
     out("   torch's gather of one seed record per rank + broadcast of the table; collectives:")
     out("   the torch.distributed calls one setup makes; first setup: the first (cold) call;")
-    out("   bare init: init_process_group, including the wait for the last rank to start up")
+    out("   bare init: init_process_group, including the wait for the last rank to start up;")
+    out("   loader/iter check: plan.dataloader() and iter(loader) distributed minus local (the")
+    out("   agreement check a distributed loader makes)")
     out(
         f"{'world':>6}{'bare init':>11}{'broadcast':>11}{'2 rounds':>11}{'setup':>11}"
-        f"{'setup/bcast':>13}{'setup/2 rounds':>16}{'first setup':>13}  collectives"
+        f"{'setup/bcast':>13}{'setup/2 rounds':>16}{'first setup':>13}"
+        f"{'loader check':>14}{'iter check':>12}  collectives"
     )
     results = []
     for world in worlds:
@@ -746,7 +822,8 @@ def setup_section(worlds: list[int], repeats: int) -> list[Result]:
             + "".join(f"{t:>11}" for t in times)
             + f"{r['setup_s'] / max(r['broadcast_s'], 1e-9):>12.1f}x"
             + f"{r['setup_s'] / max(r['two_rounds_s'], 1e-9):>15.2f}x"
-            + f"{fmt_time(r['setup_first_s']):>13}  {'+'.join(r['collectives'])}"
+            + f"{fmt_time(r['setup_first_s']):>13}{fmt_time(r['loader_check_s']):>14}"
+            + f"{fmt_time(r['iter_check_s']):>12}  {'+'.join(r['collectives'])}"
         )
     return results
 
@@ -816,6 +893,7 @@ def run(args: argparse.Namespace) -> int:
         "cpus": os.cpu_count(),
         "samplers": [],
         "paired": [],
+        "loader": [],
         "setup": [],
     }
     try:
@@ -827,6 +905,11 @@ def run(args: argparse.Namespace) -> int:
             out()
             for line in target_lines(report["samplers"], report["paired"]):
                 out(f"target: {line}")
+        if not args.skip_loader:
+            seconds = args.loader_seconds
+            if seconds is None:
+                seconds = QUICK_LOADER_SECONDS if args.quick else LOADER_SECONDS
+            report["loader"] = loader_section(seconds, bool(args.quick))
         if not args.skip_setup and opts.worlds:
             report["setup"] = setup_section(opts.worlds, SETUP_ROUNDS_PER_REPEAT * opts.repeats)
             out()

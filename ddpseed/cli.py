@@ -137,7 +137,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from .plan import setup
+    from .startup import setup
 
     plan = setup(seed=args.seed, timeout=args.timeout)
     topo = plan.topology

@@ -1,0 +1,134 @@
+"""Loader throughput: ``plan.dataloader`` against torch's ``DataLoader`` + ``DistributedSampler``.
+
+What a user would otherwise write is torch's ``DataLoader(ds, batch_size=64,
+sampler=DistributedSampler(ds, ...), num_workers=w)``; ddpseed's loader adds per-batch worker
+seeding and an exact position. Both arms iterate one full epoch per pass of the same dataset
+(shuffled, batch 64, rank 0 of 1), alternated in one warm process by :mod:`ddpseed.paired`
+together with a second torch arm (the A/A control, this run's noise floor). Two datasets: a cheap
+one (8 floats drawn from torch, NumPy and ``random``, as an augmentation would) and one that also
+spends ~1 ms of CPU per item.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from . import paired
+
+BATCH = 64
+SEED = 1234
+# (dataset, per-item cost in ms, workers, samples per pass): passes of a fraction of a second,
+# so a minute holds enough rounds for a tight interval.
+CASES = (
+    ("cheap", 0.0, 0, 10_000),
+    ("cheap", 0.0, 2, 10_000),
+    ("1 ms", 1.0, 0, 300),
+    ("1 ms", 1.0, 2, 600),
+)
+
+
+class Items(Dataset[torch.Tensor]):
+    """``n`` items of 8 floats drawn from torch, NumPy and ``random``; ``cost_ms`` of busy CPU."""
+
+    def __init__(self, n: int, cost_ms: float) -> None:
+        self.n, self.cost_s = n, cost_ms / 1000
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.cost_s:
+            end = time.perf_counter() + self.cost_s
+            while time.perf_counter() < end:  # a decode or an augmentation: CPU, not sleep
+                pass
+        drawn = np.concatenate([torch.rand(3).numpy(), np.random.rand(3), [random.random()] * 2])
+        return torch.from_numpy(drawn.astype(np.float32))
+
+
+def _torch_arm(ds: Items, workers: int) -> Any:
+    sampler: DistributedSampler[int] = DistributedSampler(
+        ds, num_replicas=1, rank=0, shuffle=True, seed=SEED
+    )
+    loader = DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=workers)
+    epochs = iter(range(10**9))
+
+    def make() -> Any:
+        sampler.set_epoch(next(epochs))
+        return loader
+
+    return make
+
+
+def _seeded_arm(ds: Items, workers: int) -> Any:
+    import ddpseed
+
+    plan = ddpseed.setup(seed=SEED)
+    loader = plan.dataloader(ds, batch_size=BATCH, num_workers=workers, shuffle=True)
+    epochs = iter(range(10**9))
+
+    def make() -> Any:
+        plan.set_epoch(next(epochs))
+        return loader
+
+    return make
+
+
+def loader_child(cost_ms: float, workers: int, n: int, seconds: float) -> dict[str, Any]:
+    """The three arms alternated in this process for ``seconds``; pass times per arm."""
+    ds = Items(n, cost_ms)
+    makers = {
+        "torch": _torch_arm(ds, workers),
+        "seeded": _seeded_arm(ds, workers),
+        "torch_again": _torch_arm(ds, workers),
+    }
+    return paired.run_rounds(makers, seconds)
+
+
+def throughput(runs: dict[str, list[tuple[float, float]]], arm: str) -> dict[str, Any]:
+    """Median and 95% CI of ``arm``'s samples/s over torch's, per round (>1: faster).
+
+    >>> throughput({"a": [(0, 2.0)] * 6, "torch": [(0, 1.0)] * 6}, "a")["median"]
+    0.5
+    """
+    per_round = [b[1] / a[1] for a, b in zip(runs[arm], runs["torch"], strict=True)]
+    return {"median": statistics.median(per_round), "ci": paired.median_ci(per_round)}
+
+
+def summarize(name: str, cost_ms: float, workers: int, n: int, child: dict[str, Any]) -> Any:
+    runs = child["runs"]
+    return {
+        "dataset": name,
+        "cost_ms": cost_ms,
+        "workers": workers,
+        "n": n,
+        "rounds": child["rounds"],
+        "torch_samples_per_s": n / statistics.median(total for _, total in runs["torch"]),
+        "seeded": throughput(runs, "seeded"),
+        "torch_again": throughput(runs, "torch_again"),
+    }
+
+
+def ratio_text(ratio: dict[str, Any]) -> str:
+    lo, hi = ratio["ci"]
+    return f"{ratio['median']:.3f}x [{lo:.3f}-{hi:.3f}]"
+
+
+HEADER = (
+    f"{'dataset':<9}{'workers':>8}{'N':>8}{'rounds':>8}{'torch samples/s':>17}  "
+    f"{'plan.dataloader / torch':<26}A/A torch / torch"
+)
+
+
+def row(r: dict[str, Any]) -> str:
+    return (
+        f"{r['dataset']:<9}{r['workers']:>8}{r['n']:>8}{r['rounds']:>8}"
+        f"{r['torch_samples_per_s']:>17,.0f}  {ratio_text(r['seeded']):<26}"
+        f"{ratio_text(r['torch_again'])}"
+    )
