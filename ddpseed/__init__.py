@@ -28,9 +28,9 @@ from .loader import SeededDataLoader
 from .plan import SeedPlan
 from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
-from .startup import setup, topology
+from .startup import setup
 from .state import load_state, save_state
-from .topology import Topology
+from .topology import Topology, detect
 from .workers import WorkerInitFn
 
 __version__ = "0.1.0"
@@ -53,12 +53,12 @@ __all__ = [
     "TopologyError",
     "WorkerInitFn",
     "__version__",
+    "detect",
     "load_state",
     "process_seed",
     "save_state",
     "seed_table",
     "setup",
-    "topology",
     "validate_seed",
     "worker_info_seed",
     "worker_seed",

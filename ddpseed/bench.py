@@ -85,7 +85,7 @@ def register(subparsers: Any) -> None:
     """Add the ``bench`` subcommand to an ``argparse`` subparsers object."""
     parser = subparsers.add_parser(
         "bench",
-        help="measure ddpseed's samplers and setup against torch",
+        help="measure ddpseed's samplers, loader and setup against torch",
         description=SUMMARY,
     )
     add_arguments(parser)

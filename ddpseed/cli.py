@@ -24,6 +24,31 @@ def out(text: str = "") -> None:
     sys.stdout.flush()
 
 
+def _count_arg(minimum: int) -> Any:
+    """An argparse type: an int of at least ``minimum``, else a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite positive number of seconds")
+    return value
+
+
 def _seed_arg(text: str) -> int:
     try:
         return validate_seed(text, source="--seed")
@@ -57,15 +82,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"base seed {table.base}, world size {table.world_size}, {table.num_workers} workers "
         f"per rank, {table.epochs} epoch(s), scheme {table.scheme}"
     )
+    # Every seed fits 10 digits (< 2**32), so fixed widths keep the columns aligned.
+    width = max(1, table.num_workers) * 11 - 1
     head = f"{'rank':>5} {'process seed':>12}"
     for e in range(table.epochs):
-        head += f"  worker seeds epoch {e}"
-    out(head)
+        head += f"  {f'worker seeds epoch {e}':<{width}}"
+    out(head.rstrip())
     for rank in range(table.world_size):
         row = f"{rank:>5} {table.process[rank]:>12}"
         for e in range(table.epochs):
-            row += "  " + " ".join(str(s) for s in table.workers[e][rank])
-        out(row)
+            row += "  " + f"{' '.join(f'{s:>10}' for s in table.workers[e][rank]):<{width}}"
+        out(row.rstrip())
     if not collisions:
         out("collisions: none")
     else:
@@ -322,38 +349,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- main ---------------------------------------------------------------------------------------
+DESCRIPTION = """Reproducible seeding for multi-process PyTorch (DDP) training.
+"ddpseed COMMAND --help" describes each command.
+
+Logging: DDPSEED_LOG=INFO (or the "ddpseed" logger). Library: import ddpseed; ddpseed.setup()."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpseed", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ddpseed", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"ddpseed {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plan", help="table of every process and worker seed, and collisions")
-    p.add_argument("--seed", type=_seed_arg, required=True)
-    p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--scheme", choices=SCHEMES, default="default")
-    p.add_argument("--show", type=int, default=20, help="collisions to list")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=_seed_arg, required=True, help="base seed, in [0, 2**32)")
+    p.add_argument("--world-size", type=_count_arg(1), required=True, help="ranks (>= 1)")
+    p.add_argument("--num-workers", type=_count_arg(0), default=0, help="workers per rank")
+    p.add_argument("--epochs", type=_count_arg(1), default=1, help="epochs to list (>= 1)")
+    p.add_argument("--scheme", choices=SCHEMES, default="default", help="derivation rule")
+    p.add_argument("--show", type=_count_arg(0), default=20, help="collisions to list")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("env", help="the topology detected from the launcher's environment")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("verify", help="run under torchrun/srun: check every rank agrees")
-    p.add_argument("--seed", type=_seed_arg, default=None)
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--dataset-size", type=int, default=64)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=_seed_arg, default=None, help="base seed (default: entropy)")
+    p.add_argument("--timeout", type=_seconds_arg, default=120.0, help="collective timeout, s")
+    p.add_argument("--num-workers", type=_count_arg(0), default=2, help="workers to check")
+    p.add_argument("--dataset-size", type=_count_arg(1), default=64, help="samples to shard")
+    p.add_argument("--json", action="store_true", help="print one JSON line on rank 0")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("demo", help="train a small DDP model twice on CPU; compare weights")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--seed", type=_seed_arg, default=None)
-    p.add_argument("--timeout", type=float, default=600.0)
+    p = sub.add_parser(
+        "demo",
+        help="train a small DDP model twice on CPU; compare weights",
+        description="Run a small DDP training twice under torchrun on CPU (gloo): first with "
+        "the given seed or one from entropy, then again with the seed the first run recorded, "
+        "and compare the final weights bitwise. Exit 0 when identical.",
+    )
+    p.add_argument("--nproc", type=_count_arg(1), default=2, help="ranks per run (default 2)")
+    p.add_argument(
+        "--num-workers", type=_count_arg(0), default=2, help="DataLoader workers per rank"
+    )
+    p.add_argument("--epochs", type=_count_arg(1), default=2, help="epochs per run (default 2)")
+    p.add_argument("--seed", type=_seed_arg, default=None, help="base seed (default: entropy)")
+    p.add_argument(
+        "--timeout", type=_seconds_arg, default=600.0, help="seconds per run before it is stopped"
+    )
     p.set_defaults(func=cmd_demo)
 
     from . import bench

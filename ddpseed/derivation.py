@@ -132,6 +132,7 @@ def process_seed(base: int, rank: int, *, scheme: Scheme = "default") -> int:
     0
     """
     _check_scheme(scheme)
+    _check_base(base)
     _check_nonneg(rank=rank)
     if scheme == "disjoint":
         return _keyed_bijection(base, 2 * rank)
@@ -144,7 +145,7 @@ def worker_seed(
     num_workers: int,
     worker_id: int,
     epoch: int = 0,
-    world_size: int = 1,
+    world_size: int | None = None,
     *,
     scheme: Scheme = "default",
 ) -> int:
@@ -153,19 +154,24 @@ def worker_seed(
     ``(base + (epoch * world_size + rank) * num_workers + worker_id) mod 2**32``; at epoch 0 that
     is ``base + rank * num_workers + worker_id``. Each epoch moves every worker to a block of
     seeds no other worker of the run has used, so non-persistent workers do not replay last
-    epoch's augmentations.
+    epoch's augmentations. ``world_size`` may be left out at epoch 0 only (it does not enter).
 
     >>> worker_seed(100, rank=1, num_workers=2, worker_id=1)
     103
     """
     _check_scheme(scheme)
-    _check_nonneg(rank=rank, epoch=epoch, worker_id=worker_id)
+    _check_base(base)
+    _check_nonneg(rank=rank, epoch=epoch, worker_id=worker_id, num_workers=num_workers)
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers}: worker seeds need at least one worker")
     if not 0 <= worker_id < num_workers:
         raise ValueError(f"worker_id={worker_id} is not in [0, num_workers={num_workers})")
-    # world_size only matters past epoch 0; there a rank outside it would reuse seeds.
-    if world_size < 1 or (epoch > 0 and rank >= world_size):
+    if world_size is None:
+        if epoch > 0:
+            raise ValueError(f"epoch={epoch}: worker seeds past epoch 0 need world_size")
+        world_size = rank + 1
+    _check_nonneg(world_size=world_size)
+    if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
     slot = (epoch * world_size + rank) * num_workers + worker_id
     if scheme == "disjoint":
@@ -175,8 +181,17 @@ def worker_seed(
 
 def _check_nonneg(**values: int) -> None:
     for name, value in values.items():
+        # bool is an int subclass, and a float would make the seed a float: both are mistakes.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}={value!r} must be an int, not {type(value).__name__}")
         if value < 0:
             raise ValueError(f"{name}={value} must be >= 0")
+
+
+def _check_base(base: int) -> None:
+    _check_nonneg(base=base)
+    if base >= SEED_SPACE:
+        raise ValueError(f"base={base} must be below 2**32")
 
 
 @dataclass(frozen=True)

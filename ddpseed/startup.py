@@ -25,7 +25,7 @@ from .files import atomic_write_json
 from .plan import DEFAULT_TIMEOUT, SeedPlan
 from .rundir import MANIFEST_FILE, SEED_FILE, Found, RunDir, SeedRecord
 from .seeding import enable_determinism, local_cuda_device, seed_process
-from .topology import Topology, detect
+from .topology import detect
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,3 @@ def setup(
     seed_process(plan.process_seed, cuda_device=cuda_device)
     log.info("%r from %s; %r", plan, plan.seed_source, topo)
     return plan
-
-
-def topology() -> Topology:
-    """The detected topology of this process (see :func:`ddpseed.topology.detect`)."""
-    return detect()

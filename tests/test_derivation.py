@@ -6,6 +6,7 @@ import contextlib
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -202,3 +203,58 @@ def test_cli_plan_table_lists_every_rank() -> None:
 def test_cli_rejects_a_bad_seed_with_the_reason() -> None:
     proc = ddpseed_cli("plan", "--seed", "-5", "--world-size", "2", check=False)
     assert proc.returncode == 2 and "outside [0, 2**32)" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--world-size", "0"), ("--world-size", "-3"), ("--num-workers", "-1"), ("--epochs", "0")],
+)
+def test_cli_plan_rejects_counts_out_of_range(flag: str, value: str) -> None:
+    args = {"--seed": "1", "--world-size": "2", flag: value}
+    proc = ddpseed_cli("plan", *(x for kv in args.items() for x in kv), check=False)
+    assert proc.returncode == 2 and f"argument {flag}: {value} is below" in proc.stderr
+
+
+def test_cli_plan_table_stays_aligned_for_ten_digit_seeds() -> None:
+    proc = ddpseed_cli(
+        "plan", "--seed", str(SEED_SPACE - 3), "--world-size", "3", "--num-workers", "2",
+        "--epochs", "2",
+    )  # fmt: skip
+    rows = proc.stdout.splitlines()[1:5]
+    # Numbers are right-aligned: every column ends where it ends in the other rows, whatever
+    # the number of digits, and the epoch-1 header starts over that epoch's first column.
+    ends = {tuple(i for i, c in enumerate(r) if c != " " and (i + 1 == len(r) or r[i + 1] == " "))
+            for r in rows[1:]}  # fmt: skip
+    assert len(ends) == 1, rows
+    _, process_end, _, w1_end, _, _ = next(iter(ends))
+    assert rows[0].index("worker seeds epoch 1") == w1_end + 3, rows
+    assert rows[0].index("worker seeds epoch 0") == process_end + 3, rows
+
+
+def test_cli_version_and_help_are_plain_text() -> None:
+    assert ddpseed_cli("--version").stdout.strip() == f"ddpseed {ddpseed.__version__}"
+    top = ddpseed_cli("--help").stdout
+    assert "``" not in top and ":class:" not in top and "demo" in top
+    demo = ddpseed_cli("demo", "--help").stdout
+    lines = demo.splitlines()
+    for option in ("--nproc", "--num-workers", "--epochs", "--seed", "--timeout"):
+        at = next(i for i, ln in enumerate(lines) if ln.strip().startswith(option))
+        described = " ".join(lines[at : at + 2]).split()  # argparse may wrap to the next line
+        assert len(described) > 3, f"{option} has no description: {lines[at : at + 2]}"
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda: ddpseed.process_seed(1.0, 0), TypeError),  # type: ignore[arg-type]
+        (lambda: ddpseed.process_seed(True, 0), TypeError),
+        (lambda: ddpseed.process_seed(2**32, 0), ValueError),
+        (lambda: ddpseed.process_seed(1, 0.5), TypeError),  # type: ignore[arg-type]
+        (lambda: ddpseed.worker_seed(1, 5, 2, 0, world_size=2), ValueError),
+        (lambda: ddpseed.worker_seed(1, rank=0, num_workers=2, worker_id=0, epoch=1), ValueError),
+        (lambda: ddpseed.worker_seed(1, rank=0, num_workers=2.0, worker_id=0), TypeError),  # type: ignore[arg-type]
+    ],
+)  # fmt: skip
+def test_pure_rules_refuse_nonsense_arguments(call: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        call()
