@@ -32,6 +32,7 @@ _MARKER = 0xDD5EED02
 _HEADER = 4  # marker, call id, number of values, message length
 ROW_WIDTH = _HEADER + MAX_VALUES  # int64s every rank sends in one exchange
 _generation = 0
+left_pending = False  # a wait here gave up on a work the backend may still be running
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,14 @@ def _gather_text(text: bytes, longest: int, timeout: float) -> list[bytes]:
 
 def _wait(work: Any, timeout: float) -> None:
     assert work is not None
-    work.wait(timeout=timedelta(seconds=timeout))
+    try:
+        work.wait(timeout=timedelta(seconds=timeout))
+    except Exception:
+        # The backend's worker may still be running it (only our wait gave up): destroying the
+        # group at exit would wait for it (see coordinator._destroy_at_exit).
+        global left_pending
+        left_pending = True
+        raise
 
 
 def _timeout_error(
