@@ -44,6 +44,15 @@ def test_group_ddpseed_made_is_destroyed_at_exit(cpu: str) -> None:
         assert marked(r, "EXIT_CHECK") == {"initialized": False, "workers": 0}
 
 
+def test_exchange_returns_after_gloo_dropped_its_tensors() -> None:
+    """ddpseed's exchange as the last collectives before exit: when each returns, gloo's worker
+    holds none of its tensors (it often still does when the waits return)."""
+    results = run("ddpseed", EXIT_REPEAT="0", EXIT_EXCHANGES="100", EXIT_CPU="1")
+    for r in results:
+        assert marked(r, "EXCHANGES")["at_return"] == 0, marked(r, "EXCHANGES")
+        assert marked(r, "EXIT_CHECK") == {"initialized": False, "workers": 0}
+
+
 def test_group_the_script_made_is_left_alone() -> None:
     for r in run("own"):
         assert marked(r, "EXIT_CHECK")["initialized"] is True, "ddpseed destroyed the user's group"
