@@ -315,7 +315,9 @@ def _destroy_at_exit(made: weakref.ref[dist.ProcessGroup], pid: int) -> None:
     needs the GIL while the interpreter is finalizing; Python ends that thread with a forced
     unwind through a noexcept destructor and the rank dies with "terminate called without an
     active exception" (SIGABRT). Destroying the group from atexit, while the interpreter is
-    still whole, joins those threads first. A group the script made, or already destroyed, is
+    still whole, joins those threads first (unless something else, e.g. a DDP model, still
+    holds the group: torch then keeps it to the end, and collective._await_release covers
+    ddpseed's own collectives). A group the script made, or already destroyed, is
     left alone; so is a forked child's copy, and a group with a collective ddpseed gave up on
     (joining would wait for it up to the group's own timeout).
     """
