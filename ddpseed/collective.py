@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +34,8 @@ _MARKER = 0xDD5EED02
 _HEADER = 4  # marker, call id, number of values, message length
 ROW_WIDTH = _HEADER + MAX_VALUES  # int64s every rank sends in one exchange
 _generation = 0
+RELEASE_GRACE = 1.0  # seconds _gather waits for gloo's worker to drop its tensors
+left_pending = False  # a wait here gave up on a work the backend may still be running
 
 
 @dataclass(frozen=True)
@@ -180,9 +184,37 @@ def _gather(row: torch.Tensor, timeout: float) -> torch.Tensor:
     world = dist.get_world_size()
     table = torch.empty((world, row.numel()), dtype=row.dtype, device=device)
     slots = [table[r] for r in range(world)] if dist.get_rank() == 0 else None
-    _wait(dist.gather(row.to(device), slots, dst=0, async_op=True), timeout)
+    sent = row.to(device)
+    used = [sent, table, *(slots or [])]
+    before = _refcounts(used)
+    _wait(dist.gather(sent, slots, dst=0, async_op=True), timeout)
     _wait(dist.broadcast(table, src=0, async_op=True), timeout)
+    if device.type == "cpu":
+        _await_release(used, before)
     return table.cpu()
+
+
+def _refcounts(tensors: Sequence[torch.Tensor]) -> list[int]:
+    return [sys.getrefcount(t) for t in tensors]
+
+
+def _await_release(tensors: Sequence[torch.Tensor], before: Sequence[int]) -> None:
+    """Return once the backend no longer holds ``tensors`` (at most ``RELEASE_GRACE`` seconds).
+
+    Why: gloo's worker thread drops a finished work, and the tensors in it, only after
+    ``wait()`` returned. While C++ holds a tensor torch keeps a reference to its Python object
+    (so ``sys.getrefcount`` is one higher), and dropping that reference needs the GIL: if the
+    script has exited meanwhile, that happens during interpreter finalization, Python ends the
+    thread with a forced unwind through a noexcept destructor, and the rank aborts with
+    "terminate called without an active exception". Waiting here (normally not at all) keeps a
+    ddpseed call that is the script's last collective from leaving that behind; torch versions
+    that do not count C++ holders this way return at once.
+    """
+    deadline = time.monotonic() + RELEASE_GRACE
+    while time.monotonic() < deadline and any(
+        now > then for now, then in zip(_refcounts(tensors), before, strict=True)
+    ):
+        time.sleep(0.001)  # releases the GIL, which the worker needs to drop them
 
 
 def _gather_text(text: bytes, longest: int, timeout: float) -> list[bytes]:
@@ -192,7 +224,14 @@ def _gather_text(text: bytes, longest: int, timeout: float) -> list[bytes]:
 
 def _wait(work: Any, timeout: float) -> None:
     assert work is not None
-    work.wait(timeout=timedelta(seconds=timeout))
+    try:
+        work.wait(timeout=timedelta(seconds=timeout))
+    except Exception:
+        # The backend's worker may still be running it (only our wait gave up): destroying the
+        # group at exit would wait for it (see coordinator._destroy_at_exit).
+        global left_pending
+        left_pending = True
+        raise
 
 
 def _timeout_error(

@@ -9,11 +9,13 @@ one :func:`ddpseed.collective.exchange` (a gather to rank 0 and a broadcast of t
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +27,7 @@ from torch.distributed import Backend, PrefixStore  # type: ignore[attr-defined]
 from torch.distributed import distributed_c10d as c10d
 from torch.distributed.rendezvous import rendezvous
 
+from . import collective
 from .collective import call_id, exchange, ranks_text, strip_rank
 from .derivation import SCHEMES
 from .errors import (
@@ -299,7 +302,36 @@ def ensure_process_group(
         ) from exc
     if settable and lasting is not None:
         _set_group_timeout(lasting.total_seconds(), topo)
+    atexit.register(_destroy_at_exit, weakref.ref(c10d._get_default_group()), os.getpid())
     return True
+
+
+def _destroy_at_exit(made: weakref.ref[dist.ProcessGroup], pid: int) -> None:
+    """Destroy the default group at interpreter exit if it is still the one ddpseed made.
+
+    Why: gloo's worker thread drops its last reference to a finished collective (and so to the
+    tensors it used) only after ``wait()`` has returned. If the script exits in that window
+    (a loaded machine makes it wide), the thread's decref of a tensor that has a Python object
+    needs the GIL while the interpreter is finalizing; Python ends that thread with a forced
+    unwind through a noexcept destructor and the rank dies with "terminate called without an
+    active exception" (SIGABRT). Destroying the group from atexit, while the interpreter is
+    still whole, joins those threads first (unless something else, e.g. a DDP model, still
+    holds the group: torch then keeps it to the end, and collective._await_release covers
+    ddpseed's own collectives). A group the script made, or already destroyed, is
+    left alone; so is a forked child's copy, and a group with a collective ddpseed gave up on
+    (joining would wait for it up to the group's own timeout).
+    """
+    if os.getpid() != pid or not dist.is_initialized():
+        return
+    if c10d._get_default_group() is not made():
+        return
+    if collective.left_pending:
+        log.info("not destroying the process group at exit: a collective may still be running")
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # exiting anyway; the group goes with the process
+        log.warning("destroying the process group at exit failed: %s", first_line(exc))
 
 
 def _set_group_timeout(seconds: float, topo: Topology) -> None:
