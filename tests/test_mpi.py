@@ -1,0 +1,146 @@
+"""Real MPI launches: Open MPI's ``mpirun`` and MPICH's ``mpiexec`` start ``ddpseed.setup``.
+
+Open MPI (``openmpi-bin``) and MPICH (``mpich``) are Debian packages installed by the session
+fixtures in tests/conftest.py when missing (file-locked apt-get, like Slurm); both install
+side by side. No rendezvous variable is exported: on one node ddpseed uses loopback and a
+port derived from the launch (Open MPI's job id; the node's Hydra proxy for MPICH), so tests
+running in parallel do not collide, and the ports lie below the kernel's ephemeral range that
+the other tests' ``free_port`` draws from.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, ProcessGroup
+
+RANK_SCRIPT = REPO / "tests" / "helpers" / "mpi_rank.py"
+MARKER = "MPI_RANK "
+OMPI_FLAGS = ("--allow-run-as-root", "--oversubscribe")
+
+
+def launch(
+    procs: ProcessGroup,
+    name: str,
+    cmd: Sequence[str],
+    env: dict[str, str],
+    world: int,
+    timeout: float = 180,
+) -> list[dict[str, Any]]:
+    """Run ``cmd`` to the end; the ``MPI_RANK`` report of every rank, by rank."""
+    proc = procs.start(name, cmd, env)
+    code, output = procs.wait_all(timeout)[proc.name]
+    assert code == 0, f"{name} exited {code}:\n{output[-6000:]}"
+    reports = [
+        json.loads(line.split(MARKER, 1)[1]) for line in output.splitlines() if MARKER in line
+    ]
+    assert sorted(r["rank"] for r in reports) == list(range(world)), output[-6000:]
+    return sorted(reports, key=lambda r: r["rank"])
+
+
+def check_world(reports: Sequence[dict[str, Any]], launcher: str, world: int) -> None:
+    """One node, ``world`` ranks, one base seed, distinct process seeds, one rendezvous."""
+    brief = [(r["rank"], r["local_rank"], r["launcher"], r["base_seed"]) for r in reports]
+    for r in reports:
+        assert r["launcher"] == launcher, brief
+        assert (r["world_size"], r["local_world_size"]) == (world, world), r
+        assert (r["node_rank"], r["num_nodes"]) == (0, 1), r
+        assert r["local_rank"] == r["rank"], brief
+        assert r["master_addr"] == "127.0.0.1", r
+    assert len({r["base_seed"] for r in reports}) == 1, brief
+    assert len({r["process_seed"] for r in reports}) == world, brief
+    assert len({r["master_port"] for r in reports}) == 1, brief
+    assert 10000 <= reports[0]["master_port"] < 30000, reports[0]["master_port"]
+
+
+def resume_round(
+    procs: ProcessGroup,
+    tmp_path: Path,
+    command: Callable[[str], list[str]],
+    env: Callable[..., dict[str, str]],
+    launcher: str,
+    world: int,
+) -> None:
+    """Full run (entropy seed) vs. the same seed stopped after 6 batches, saved, resumed."""
+    full = launch(procs, "full", command("full"), env(MODE="full"), world)
+    check_world(full, launcher, world)
+    assert full[0]["seed_source"] == "entropy", full[0]
+    seed = str(full[0]["base_seed"])
+    state = str(tmp_path / "state" / "rng.pt")
+    part = launch(
+        procs,
+        "save",
+        command("save"),
+        env(MODE="save", STOP_AT="6", STATE=state, DDPSEED_SEED=seed),
+        world,
+    )
+    rest = launch(
+        procs, "resume", command("resume"), env(MODE="resume", STATE=state, DDPSEED_SEED=seed), world
+    )
+    check_world(rest, launcher, world)
+    per_epoch = -(-(-(-40 // world)) // 3)  # batches of 3 from a shard of ceil(40 / world)
+    for a, b, c in zip(full, part, rest, strict=True):
+        assert len(a["seen"]) == 2 * per_epoch, a["seen"]
+        assert b["seen"] == a["seen"][:6], (a["rank"], b["seen"], a["seen"])
+        assert c["seen"] == a["seen"][6:], (a["rank"], c["seen"], a["seen"])
+    epoch0 = {i for r in full for epoch, batch, _ in r["seen"] if epoch == 0 for i in batch}
+    assert epoch0 == set(range(40)), "the ranks' epoch-0 shards cover the data"
+
+
+@pytest.mark.timeout(600)
+def test_openmpi_mpirun_four_ranks_agree_and_resume_exactly(
+    openmpi_installed: str,
+    procs: ProcessGroup,
+    launch_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    def command(mode: str) -> list[str]:
+        return [openmpi_installed, *OMPI_FLAGS, "-np", "4", sys.executable, str(RANK_SCRIPT)]
+
+    resume_round(procs, tmp_path, command, launch_env, "openmpi", 4)
+
+
+@pytest.mark.timeout(600)
+def test_mpich_mpiexec_three_ranks_agree_and_resume_exactly(
+    mpich_installed: str,
+    procs: ProcessGroup,
+    launch_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    def command(mode: str) -> list[str]:
+        return [mpich_installed, "-n", "3", sys.executable, str(RANK_SCRIPT)]
+
+    resume_round(procs, tmp_path, command, launch_env, "mpich", 3)
+
+
+def test_two_concurrent_mpiruns_on_one_node_get_different_ports(
+    openmpi_installed: str, procs: ProcessGroup, launch_env: Callable[..., dict[str, str]]
+) -> None:
+    """Two jobs at once on one node: each derives its own port from its job id."""
+    cmd = [openmpi_installed, *OMPI_FLAGS, "-np", "2", sys.executable, "-m", "ddpseed", "env"]
+    for name in ("a", "b"):
+        procs.start(name, [*cmd, "--json"], launch_env())
+    results = procs.wait_all(120)
+    ports = set()
+    for code, output in results.values():
+        assert code == 0, output
+        tops = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        assert [t["launcher"] for t in tops] == ["openmpi", "openmpi"], output
+        assert len({t["master_port"] for t in tops}) == 1, output
+        ports.add(tops[0]["master_port"])
+    assert len(ports) == 2, f"two mpiruns derived the same port: {results}"
+
+
+def test_launch_script_mpirun_runs_verify_on_one_node(
+    openmpi_installed: str, procs: ProcessGroup, launch_env: Callable[..., dict[str, str]]
+) -> None:
+    env = launch_env(MPIRUN=openmpi_installed, DDPSEED_SEED=77, PYTHON=sys.executable)
+    proc = procs.start("script", [str(REPO / "launch" / "mpirun.sh"), "--np", "2"], env)
+    code, output = procs.wait_all(180)[proc.name]
+    assert code == 0, output[-6000:]
+    assert "all 2 ranks agree on base seed 77" in output, output[-6000:]
