@@ -327,9 +327,15 @@ def allocation_hosts(env: Mapping[str, str]) -> list[str]:
     return _read_hostfile(env, "PBS_NODEFILE")
 
 
+def allocation_job(env: Mapping[str, str]) -> str | None:
+    """The batch job (Slurm: job and step) an MPI launch runs in: its port's fallback key."""
+    return slurm_run_id(env) or env.get("LSB_JOBID") or env.get("PBS_JOBID")
+
+
 ALLOCATION_VARIABLES = (
     *("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_ID"),
-    *("SLURM_JOBID", "LSB_JOBID", "LSB_MCPU_HOSTS", "LSB_HOSTS", "PBS_NODEFILE"),
+    *("SLURM_JOBID", "SLURM_STEP_ID", "SLURM_STEPID", "LSB_JOBID", "LSB_MCPU_HOSTS"),
+    *("LSB_HOSTS", "PBS_NODEFILE", "PBS_JOBID"),
 )
 
 
@@ -372,7 +378,8 @@ class _MpiEnvironment(LauncherEnvironment):
         local_world = _int(env, local_size_var, 1) if local_size_var else 1
         hosts = [] if local_world == world else self.hosts()
         num_nodes = max(self.num_nodes(world, local_world, hosts), 1)
-        addr, port = self.rendezvous(rank, world, local_world, hosts, self.job(local_world, world))
+        job = self.job(local_world, world) or allocation_job(env)
+        addr, port = self.rendezvous(rank, world, local_world, hosts, job)
         return Topology(
             launcher=self.name,
             rank=rank,

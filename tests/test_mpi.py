@@ -11,6 +11,7 @@ the other tests' ``free_port`` draws from.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,11 +37,21 @@ def launch(
     proc = procs.start(name, cmd, env)
     code, output = procs.wait_all(timeout)[proc.name]
     assert code == 0, f"{name} exited {code}:\n{output[-6000:]}"
-    reports = [
-        json.loads(line.split(MARKER, 1)[1]) for line in output.splitlines() if MARKER in line
-    ]
+    decoder = json.JSONDecoder()
+    reports = [decoder.raw_decode(part)[0] for part in output.split(MARKER)[1:]]
     assert sorted(r["rank"] for r in reports) == list(range(world)), output[-6000:]
     return sorted(reports, key=lambda r: r["rank"])
+
+
+def json_objects(text: str) -> list[dict[str, Any]]:
+    """Every JSON object in ``text``: mpirun forwards the ranks' output in chunks, so two ranks'
+    lines can share one line of its own output."""
+    found, decoder, at = [], json.JSONDecoder(), text.find("{")
+    while at >= 0:
+        obj, end = decoder.raw_decode(text, at)
+        found.append(obj)
+        at = text.find("{", end)
+    return found
 
 
 def check_world(reports: Sequence[dict[str, Any]], launcher: str, world: int) -> None:
@@ -80,10 +91,14 @@ def resume_round(
         world,
     )
     rest = launch(
-        procs, "resume", command("resume"), env(MODE="resume", STATE=state, DDPSEED_SEED=seed), world
+        procs,
+        "resume",
+        command("resume"),
+        env(MODE="resume", STATE=state, DDPSEED_SEED=seed),
+        world,
     )
     check_world(rest, launcher, world)
-    per_epoch = -(-(-(-40 // world)) // 3)  # batches of 3 from a shard of ceil(40 / world)
+    per_epoch = math.ceil(math.ceil(40 / world) / 3)  # batches of 3 from one rank's shard
     for a, b, c in zip(full, part, rest, strict=True):
         assert len(a["seen"]) == 2 * per_epoch, a["seen"]
         assert b["seen"] == a["seen"][:6], (a["rank"], b["seen"], a["seen"])
@@ -129,7 +144,7 @@ def test_two_concurrent_mpiruns_on_one_node_get_different_ports(
     ports = set()
     for code, output in results.values():
         assert code == 0, output
-        tops = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        tops = json_objects(output)
         assert [t["launcher"] for t in tops] == ["openmpi", "openmpi"], output
         assert len({t["master_port"] for t in tops}) == 1, output
         ports.add(tops[0]["master_port"])
