@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from helpers import apt_install, ranks, slurm_install
+from helpers import apt_install, netns, ranks, slurm_install
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_ITEMS = 64  # `ddpseed verify` shards a 64-item dataset
@@ -50,6 +50,12 @@ def slurm_installed() -> float:
     seconds spent installing. Every test that needs a Slurm binary asks for this, so none of
     them depends on another having run first."""
     return slurm_install.ensure_slurm_installed()
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[netns.Host, netns.Host]]:
+    """Two "hosts": network namespaces joined by a veth pair (tests/helpers/netns.py)."""
+    yield from netns.netns_pair()
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from conftest import REPO, ProcessGroup
 
+from helpers.netns import IFNAME, Host
+
 RANK_SCRIPT = REPO / "tests" / "helpers" / "mpi_rank.py"
 MARKER = "MPI_RANK "
 OMPI_FLAGS = ("--allow-run-as-root", "--oversubscribe")
@@ -159,3 +161,80 @@ def test_launch_script_mpirun_runs_verify_on_one_node(
     code, output = procs.wait_all(180)[proc.name]
     assert code == 0, output[-6000:]
     assert "all 2 ranks agree on base seed 77" in output, output[-6000:]
+
+
+# --- two "hosts": network namespaces (conftest's netns_pair) ----------------------------------
+
+NSRSH = """#!/bin/sh
+# Open MPI's rsh agent for namespace "hosts": run the remote daemon in the host's namespace.
+host=$1; shift
+case $host in
+{cases}
+    *) echo "nsrsh: unknown host $host" >&2; exit 1 ;;
+esac
+exec ip netns exec "$ns" sh -c "$*"
+"""
+
+
+def across_namespaces(hosts: Sequence[Host], tmp_path: Path) -> tuple[list[str], str]:
+    """``ip netns exec <first host>`` and the mpirun options that reach the second host
+    through an rsh agent (no ssh), over the namespaces' own interface only."""
+    agent = tmp_path / "nsrsh"
+    cases = "\n".join(f"    {h.addr}) ns={h.ns} ;;" for h in hosts)
+    agent.write_text(NSRSH.format(cases=cases))
+    agent.chmod(0o755)
+    extra = (
+        f"--mca plm_rsh_agent {agent} --mca oob_tcp_if_include {IFNAME} "
+        f"--mca btl_tcp_if_include {IFNAME} -x PYTHONPATH -x PATH -x GLOO_SOCKET_IFNAME"
+    )
+    return ["ip", "netns", "exec", hosts[0].ns], extra
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_mpirun_script_across_two_namespace_hosts(
+    openmpi_installed: str,
+    netns_pair: tuple[Host, Host],
+    procs: ProcessGroup,
+    launch_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    verify_reports: Callable[[str], list[dict[str, Any]]],
+    verify_checker: Callable[..., None],
+) -> None:
+    """launch/mpirun.sh --hosts a:2,b:2: rank 0's host becomes MASTER_ADDR; 2 nodes x 2."""
+    prefix, extra = across_namespaces(netns_pair, tmp_path)
+    hosts = ",".join(f"{h.addr}:2" for h in netns_pair)
+    env = launch_env(
+        MPIRUN=openmpi_installed,
+        MPIRUN_EXTRA_ARGS=extra,
+        GLOO_SOCKET_IFNAME=IFNAME,
+        DDPSEED_SEED=11,
+        PYTHON=sys.executable,
+    )
+    cmd = [*prefix, str(REPO / "launch" / "mpirun.sh"), "--hosts", hosts]
+    proc = procs.start("mpirun", [*cmd, sys.executable, "-m", "ddpseed", "verify", "--json"], env)
+    code, output = procs.wait_all(240)[proc.name]
+    assert code == 0, output[-6000:]
+    reports = verify_reports(output)
+    verify_checker(reports, nodes=2, per_node=2, launcher="openmpi", seed=11)
+    assert reports[0]["master_addr"] == netns_pair[0].addr, reports[0]
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_bare_mpirun_across_hosts_fails_on_every_rank_saying_what_to_export(
+    openmpi_installed: str,
+    netns_pair: tuple[Host, Host],
+    procs: ProcessGroup,
+    launch_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    prefix, extra = across_namespaces(netns_pair, tmp_path)
+    hosts = ",".join(f"{h.addr}:2" for h in netns_pair)
+    cmd = [*prefix, openmpi_installed, *OMPI_FLAGS, *extra.split(), "--host", hosts]
+    proc = procs.start("mpirun", [*cmd, sys.executable, "-m", "ddpseed", "env"], launch_env())
+    code, output = procs.wait_all(240)[proc.name]
+    assert code != 0, output[-6000:]
+    for rank in range(4):
+        assert f"rank {rank}: openmpi started 4 processes over several nodes" in output, output
+    assert "export MASTER_ADDR" in output
