@@ -166,7 +166,9 @@ def test_launch_script_mpirun_runs_verify_on_one_node(
 # --- two "hosts": network namespaces (conftest's netns_pair) ----------------------------------
 
 NSRSH = """#!/bin/sh
-# Open MPI's rsh agent for namespace "hosts": run the remote daemon in the host's namespace.
+# rsh/ssh agent for namespace "hosts" (Open MPI's plm_rsh_agent, Hydra's -launcher-exec): run
+# the remote daemon in the host's namespace. Leading options (ssh's -x) are dropped.
+while [ "${{1#-}}" != "$1" ]; do shift; done
 host=$1; shift
 case $host in
 {cases}
@@ -176,24 +178,34 @@ exec ip netns exec "$ns" sh -c "$*"
 """
 
 
-def across_namespaces(hosts: Sequence[Host], tmp_path: Path) -> tuple[list[str], str]:
+def across_namespaces(
+    hosts: Sequence[Host], tmp_path: Path, flavour: str = "openmpi"
+) -> tuple[list[str], str]:
     """``ip netns exec <first host>`` and the mpirun options that reach the second host
     through an rsh agent (no ssh), over the namespaces' own interface only."""
     agent = tmp_path / "nsrsh"
     cases = "\n".join(f"    {h.addr}) ns={h.ns} ;;" for h in hosts)
     agent.write_text(NSRSH.format(cases=cases))
     agent.chmod(0o755)
-    extra = (
-        f"--mca plm_rsh_agent {agent} --mca oob_tcp_if_include {IFNAME} "
-        f"--mca btl_tcp_if_include {IFNAME} -x PYTHONPATH -x PATH -x GLOO_SOCKET_IFNAME"
-    )
+    if flavour == "mpich":
+        extra = (
+            f"-launcher ssh -launcher-exec {agent} -iface {IFNAME} -genv PYTHONPATH {REPO} "
+            f"-genv GLOO_SOCKET_IFNAME {IFNAME}"
+        )
+    else:
+        extra = (
+            f"--mca plm_rsh_agent {agent} --mca oob_tcp_if_include {IFNAME} "
+            f"--mca btl_tcp_if_include {IFNAME} -x PYTHONPATH -x PATH -x GLOO_SOCKET_IFNAME"
+        )
     return ["ip", "netns", "exec", hosts[0].ns], extra
 
 
 @pytest.mark.netns
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("flavour", ["openmpi", "mpich"])
 def test_mpirun_script_across_two_namespace_hosts(
-    openmpi_installed: str,
+    flavour: str,
+    request: pytest.FixtureRequest,
     netns_pair: tuple[Host, Host],
     procs: ProcessGroup,
     launch_env: Callable[..., dict[str, str]],
@@ -201,11 +213,13 @@ def test_mpirun_script_across_two_namespace_hosts(
     verify_reports: Callable[[str], list[dict[str, Any]]],
     verify_checker: Callable[..., None],
 ) -> None:
-    """launch/mpirun.sh --hosts a:2,b:2: rank 0's host becomes MASTER_ADDR; 2 nodes x 2."""
-    prefix, extra = across_namespaces(netns_pair, tmp_path)
+    """launch/mpirun.sh --hosts a:2,b:2 with Open MPI's mpirun and MPICH's mpiexec: rank 0's
+    host becomes MASTER_ADDR; 2 nodes x 2 ranks agree."""
+    mpirun = request.getfixturevalue(f"{flavour}_installed")
+    prefix, extra = across_namespaces(netns_pair, tmp_path, flavour)
     hosts = ",".join(f"{h.addr}:2" for h in netns_pair)
     env = launch_env(
-        MPIRUN=openmpi_installed,
+        MPIRUN=mpirun,
         MPIRUN_EXTRA_ARGS=extra,
         GLOO_SOCKET_IFNAME=IFNAME,
         DDPSEED_SEED=11,
@@ -216,7 +230,7 @@ def test_mpirun_script_across_two_namespace_hosts(
     code, output = procs.wait_all(240)[proc.name]
     assert code == 0, output[-6000:]
     reports = verify_reports(output)
-    verify_checker(reports, nodes=2, per_node=2, launcher="openmpi", seed=11)
+    verify_checker(reports, nodes=2, per_node=2, launcher=flavour, seed=11)
     assert reports[0]["master_addr"] == netns_pair[0].addr, reports[0]
 
 
