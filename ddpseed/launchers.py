@@ -148,6 +148,9 @@ class LauncherEnvironment:
     def topology(self) -> Topology:
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(activated={self.activated()})"
+
     def why(self) -> str:
         """The variables that made this launcher apply, for ``ddpseed env``."""
         found = [f"{v}={self.env[v]}" for v in self.variables[:3] if v in self.env]
