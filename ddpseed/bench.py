@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import loaderbench, paired
+from .topology import LAUNCHER_VARIABLES
 
 SUMMARY = "Measure ddpseed's samplers and ddpseed.setup against bare torch."
 REPLICAS = 8
@@ -53,21 +54,7 @@ SAMPLERS = {
 }
 CHILD_TIMEOUT = 600.0
 # Measuring processes must not believe they were launched by torchrun/Slurm/MPI, nor read seeds.
-_DROPPED_PREFIXES = ("DDPSEED_", "TORCHELASTIC_", "SLURM_", "PMI_", "OMPI_")
-_LAUNCH_VARS = frozenset(
-    [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "GROUP_WORLD_SIZE",
-        "ROLE_RANK",
-        "ROLE_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    ]
-)
+_DROPPED_PREFIXES = ("DDPSEED_",)
 # The warm paired section stops here: a round at 1e8 takes a minute, too few fit in a budget.
 PAIRED_MAX_N = 10**7
 PAIRED_SECONDS = 120.0
@@ -171,7 +158,7 @@ def _child_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(_DROPPED_PREFIXES) and k not in _LAUNCH_VARS
+        if not k.startswith(_DROPPED_PREFIXES) and k not in LAUNCHER_VARIABLES
     }
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))

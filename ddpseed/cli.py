@@ -16,7 +16,7 @@ from typing import Any
 
 from .derivation import SCHEMES, seed_table, validate_seed
 from .errors import DDPSeedError
-from .topology import ENVIRONMENTS, detect
+from .topology import choose, detect, outranked
 
 
 def out(text: str = "") -> None:
@@ -116,8 +116,12 @@ def cmd_env(args: argparse.Namespace) -> int:
         out(json.dumps(dataclasses.asdict(topo)))
         return 0
     out(repr(topo))
-    for cls in ENVIRONMENTS:
-        out(f"  {cls(os.environ)!r}")
+    chosen = choose()
+    out(f"  launcher: {chosen.name} ({type(chosen).__name__}): {chosen.why()}")
+    outer = outranked()
+    if outer:
+        names = ", ".join(f"{o.name} ({o.why()})" for o in outer)
+        out(f"  outranked (an outer launch): {names}")
     return 0
 
 

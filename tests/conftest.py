@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from helpers import ranks, slurm_install
+from helpers import apt_install, netns, ranks, slurm_install
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_ITEMS = 64  # `ddpseed verify` shards a 64-item dataset
@@ -50,6 +50,29 @@ def slurm_installed() -> float:
     seconds spent installing. Every test that needs a Slurm binary asks for this, so none of
     them depends on another having run first."""
     return slurm_install.ensure_slurm_installed()
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[netns.Host, netns.Host]]:
+    """Two "hosts": network namespaces joined by a veth pair (tests/helpers/netns.py)."""
+    yield from netns.netns_pair()
+
+
+@pytest.fixture(scope="session")
+def openmpi_installed() -> str:
+    """Open MPI's ``mpirun`` (Debian's ``openmpi-bin``), installed like Slurm if missing. The
+    path is Open MPI's own name for it: with MPICH installed too, plain ``mpirun`` is
+    whichever the alternatives system picked."""
+    apt_install.ensure_installed("Open MPI", ("openmpi-bin",), ("mpirun.openmpi",))
+    return "mpirun.openmpi"
+
+
+@pytest.fixture(scope="session")
+def mpich_installed() -> str:
+    """MPICH's Hydra ``mpiexec`` (Debian's ``mpich``, which installs beside Open MPI: both
+    register ``mpirun``/``mpiexec`` with update-alternatives)."""
+    apt_install.ensure_installed("MPICH", ("mpich",), ("mpiexec.mpich",))
+    return "mpiexec.mpich"
 
 
 @pytest.fixture(scope="session")

@@ -15,19 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ddpseed.topology import LAUNCHER_VARIABLES
+
 REPO = Path(__file__).resolve().parents[2]
-# Variables a launcher sets or ddpseed's launch scripts read: a test's child processes see only
-# the ones the test itself passes (the suite may itself run inside torchrun, Slurm or a job).
-LAUNCHER_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "TORCHELASTIC_", "DDPSEED_")
-LAUNCHER_VARS = frozenset(
+# A test's child processes see only the launcher variables the test itself passes (the suite
+# may itself run inside torchrun, Slurm, mpirun or a job): every variable ddpseed reads
+# (ddpseed.topology.LAUNCHER_VARIABLES), ddpseed's own DDPSEED_* settings, and the settings of
+# the launch/ scripts.
+LAUNCHER_PREFIXES = ("DDPSEED_",)
+LAUNCH_SCRIPT_VARS = frozenset(
     {
-        *("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
-        *("GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"),
-        *("NODE_RANK", "NNODES", "NPROC_PER_NODE", "RDZV", "RUN_ID", "LOCAL_ADDR"),
+        *("NODE_RANK", "NNODES", "NPROC_PER_NODE", "RDZV", "RUN_ID", "LOCAL_ADDR", "NP"),
         *("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "RDZV_IS_HOST", "TORCHRUN_EXTRA_ARGS"),
-        *("TORCHRUN_SH", "DRY_RUN", "PYTHONHASHSEED", "PYTHON"),
+        *("TORCHRUN_SH", "DRY_RUN", "PYTHONHASHSEED", "PYTHON", "MPIRUN", "HOSTS", "HOSTFILE"),
+        *("MPIRUN_EXTRA_ARGS",),
     }
 )
+LAUNCHER_VARS = LAUNCHER_VARIABLES | LAUNCH_SCRIPT_VARS
 
 
 def without_launcher(environ: Mapping[str, str]) -> dict[str, str]:

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# mpirun.sh: one rank per MPI process (Open MPI's or MPICH's mpirun), reproducibly seeded.
+#
+#   launch/mpirun.sh --np 4 train.py --lr 0.1          # one node: nothing else to set
+#   launch/mpirun.sh --hosts node0:4,node1:4 train.py  # two nodes, four ranks each
+#   launch/mpirun.sh --hostfile hosts.txt --np 16 -m mypkg.train
+#   DDPSEED_SEED=1234 launch/mpirun.sh --np 2          # python3 -m ddpseed verify
+#
+# Usage: mpirun.sh [OPTIONS] [--] [COMMAND...]
+#
+# COMMAND is what every rank runs (default: `-m ddpseed verify`, which checks that all ranks
+# agree on the seed): `train.py ARGS`, `-m module ARGS` (both run by $PYTHON), `python ...`
+# or any executable. ddpseed reads the rank, local rank and sizes from mpirun's own variables
+# (OMPI_COMM_WORLD_* or PMI_*), so no torchrun is needed.
+#
+# Settings (environment variable, or the flag that overrides it):
+#   NP           --np N             processes (default: the slots of --hosts, else visible
+#                                   GPUs, else 1)
+#   HOSTS        --hosts H:N,...    hosts and ranks per host; rank 0 runs on the first
+#   HOSTFILE     --hostfile FILE    an mpirun host file instead (rank 0 on its first host)
+#   MASTER_ADDR  --master-addr A    rank 0's address. On one node ddpseed uses loopback by
+#                                   itself; across nodes the default is the first host
+#   MASTER_PORT  --master-port P    across nodes, default 10000 + this script's pid % 20000;
+#                                   on one node ddpseed derives one from mpirun's job id
+#   DDPSEED_SEED --seed N           base seed handed to ddpseed on every rank (optional)
+#   PYTHONHASHSEED                  str/bytes hash seed of every rank (default 0)
+#   PYTHON                          interpreter for train.py / -m (default python3)
+#   MPIRUN                          the launcher (default mpirun); Open MPI or MPICH/Intel MPI
+#                                   (Hydra), told apart by `$MPIRUN --version`
+#   MPIRUN_EXTRA_ARGS               more mpirun options, split on spaces
+# --dry-run prints the mpirun command instead of running it; -h/--help prints this text.
+# As root, Open MPI gets --allow-run-as-root (containers).
+set -euo pipefail
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+NP=${NP:-}
+HOSTS=${HOSTS:-}
+HOSTFILE=${HOSTFILE:-}
+MASTER_ADDR=${MASTER_ADDR:-}
+MASTER_PORT=${MASTER_PORT:-}
+MPIRUN=${MPIRUN:-mpirun}
+DRY_RUN=0
+
+while (($#)); do
+    opt=$1
+    case $opt in
+        --) shift; break ;;
+        -h | --help) ddpseed_usage; exit 0 ;;
+        --dry-run | --dry_run) DRY_RUN=1; shift; continue ;;
+        --*=*) name=${opt%%=*}; value=${opt#*=}; shift ;;
+        --*) name=$opt; (($# >= 2)) || ddpseed_die "$opt needs a value"; value=$2; shift 2 ;;
+        *) break ;;
+    esac
+    case ${name//_/-} in
+        --np | --nproc) NP=$value ;;
+        --hosts | --host) HOSTS=$value ;;
+        --hostfile) HOSTFILE=$value ;;
+        --master-addr) MASTER_ADDR=$value ;;
+        --master-port) MASTER_PORT=$value ;;
+        --seed) DDPSEED_SEED=$value ;;
+        *) ddpseed_die "unknown option $name (see --help)" ;;
+    esac
+done
+ddpseed_command "$@"
+ddpseed_seed_env
+
+# --- where the ranks run ----------------------------------------------------------------------
+[[ -z $HOSTS || -z $HOSTFILE ]] || ddpseed_die "give --hosts or --hostfile, not both"
+first_host=
+if [[ -n $HOSTS ]]; then
+    first_host=${HOSTS%%,*}
+    first_host=${first_host%%:*}
+    if [[ -z $NP ]]; then  # the sum of the slots, 1 for a host without a count
+        NP=0
+        IFS=, read -r -a entries <<<"$HOSTS"
+        for entry in "${entries[@]}"; do
+            slots=1
+            [[ $entry != *:* ]] || slots=${entry##*:}
+            is_uint "$slots" || ddpseed_die "HOSTS entry $entry: slots must be an integer"
+            NP=$((NP + slots))
+        done
+    fi
+elif [[ -n $HOSTFILE ]]; then
+    [[ -r $HOSTFILE ]] || ddpseed_die "HOSTFILE=$HOSTFILE cannot be read"
+    first_host=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF { print $1; exit }')
+    [[ -n $first_host ]] || ddpseed_die "HOSTFILE=$HOSTFILE names no host"
+fi
+if [[ -z $NP ]]; then
+    NP=$("${PYTHON:-python3}" -c 'import torch; print(torch.cuda.device_count() or 1)')
+fi
+if ! is_uint "$NP" || ((NP < 1)); then
+    ddpseed_die "NP=$NP is not a positive integer"
+fi
+
+# --- rendezvous: only across nodes (one node: ddpseed uses loopback and mpirun's job id) -------
+if [[ -n $first_host ]]; then
+    MASTER_ADDR=${MASTER_ADDR:-$first_host}
+    MASTER_PORT=${MASTER_PORT:-$((10000 + $$ % 20000))}
+fi
+if [[ -n $MASTER_PORT ]] && { ! is_uint "$MASTER_PORT" || ((MASTER_PORT < 1 || MASTER_PORT > 65535)); }; then
+    ddpseed_die "MASTER_PORT=$MASTER_PORT is not a TCP port"
+fi
+
+# --- the mpirun command, in the flavour's own option names ------------------------------------
+exported=(PYTHONHASHSEED)
+[[ -z ${DDPSEED_SEED:-} ]] || exported+=(DDPSEED_SEED)
+[[ -z $MASTER_ADDR ]] || { export MASTER_ADDR; exported+=(MASTER_ADDR); }
+[[ -z $MASTER_PORT ]] || { export MASTER_PORT; exported+=(MASTER_PORT); }
+if "$MPIRUN" --version 2>&1 | grep -qi 'open mpi\|open-mpi\|openrte'; then
+    flavour=openmpi
+    args=(-np "$NP")
+    ((EUID != 0)) || args+=(--allow-run-as-root)
+    [[ -z $HOSTS ]] || args+=(--host "$HOSTS")
+    [[ -z $HOSTFILE ]] || args+=(--hostfile "$HOSTFILE")
+    for var in "${exported[@]}"; do args+=(-x "$var"); done
+else
+    flavour=hydra
+    args=(-n "$NP")
+    [[ -z $HOSTS ]] || args+=(-hosts "$HOSTS")
+    [[ -z $HOSTFILE ]] || args+=(-f "$HOSTFILE")
+    for var in "${exported[@]}"; do args+=(-genv "$var" "${!var}"); done
+fi
+if [[ -n ${MPIRUN_EXTRA_ARGS:-} ]]; then
+    read -r -a extra <<<"$MPIRUN_EXTRA_ARGS"
+    args+=("${extra[@]}")
+fi
+
+echo "ddpseed launch: $MPIRUN ($flavour), $NP processes${first_host:+ from $first_host}," \
+    "MASTER_ADDR=${MASTER_ADDR:-<loopback>} MASTER_PORT=${MASTER_PORT:-<from the job id>}" \
+    "PYTHONHASHSEED=$PYTHONHASHSEED DDPSEED_SEED=${DDPSEED_SEED:-<unset>}" >&2
+ddpseed_run "$MPIRUN" "${args[@]}" "${RANK_CMD[@]}"
