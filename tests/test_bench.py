@@ -87,6 +87,16 @@ def test_quick_run_prints_the_table_with_ratios(
     (warm,) = data["paired"]
     assert warm["n"] == 10**4 and warm["rounds"] >= paired.MIN_ROUNDS
     assert set(warm) >= {"seeded", "torch_again"}
+    # the loader section: plan.dataloader against torch's DataLoader + DistributedSampler, real
+    # loaders alternated in one process, for both datasets and 0 and 2 workers
+    cases = [(r["dataset"], r["workers"]) for r in data["loader"]]
+    assert cases == [("cheap", 0), ("cheap", 2), ("1 ms", 0), ("1 ms", 2)]
+    for r in data["loader"]:
+        assert r["rounds"] >= paired.MIN_ROUNDS and r["torch_samples_per_s"] > 0
+        lo, hi = r["seeded"]["ci"]
+        assert lo <= r["seeded"]["median"] <= hi
+        assert re.search(rf"^{r['dataset']}\s+{r['workers']}\s+\d+\s+\d+\s+[\d,]+\s+"
+                         rf"{interval}\s+{interval}$", text, re.M)  # fmt: skip
 
 
 def fake_measurement(kind: str, n: int, repeats: int) -> dict[str, Any]:
@@ -118,7 +128,7 @@ def test_layout_and_targets(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> Non
         return {**fake, "total_s": first + fake["ns_per_index_after_first"] * 1e-9 * (n // 8 - 1)}
 
     monkeypatch.setattr(bench, "_run_child", run_child)
-    assert bench.run(parse("--skip-setup", "--json")) == 0
+    assert bench.run(parse("--skip-setup", "--skip-loader", "--json")) == 0
     text = capsys.readouterr().out
     # Every size gets --repeats (3) runs per sampler, interleaved, each round rotated by one;
     # above 1e8 torch's samplers are skipped.
@@ -227,3 +237,6 @@ def test_setup_section_on_two_ranks(capsys: pytest.CaptureFixture[str]) -> None:
     assert results[0]["collectives"] == ["gather", "broadcast"]
     assert re.search(r"^\s+2\s+\S+ m?s.*gather\+broadcast$", text, re.M), text
     assert "setup/2 rounds" in text
+    # the agreement checks of a distributed loader, made and iterated on both ranks
+    assert {"loader_check_s", "iter_check_s"} <= set(results[0])
+    assert "loader check" in text and "iter check" in text
