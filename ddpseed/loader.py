@@ -108,6 +108,7 @@ class SeededDataLoader(DataLoader[Any]):
         self._topology = checks
         self._timeout = timeout
         self._step = batch_size or 1
+        self._shard_length = 0  # len(self.sampler), taken once per pass by __iter__
         self._epoch = int(sampler.epoch)  # the epoch the progress below belongs to
         self._resume_at = 0
         self._position = 0
@@ -145,6 +146,7 @@ class SeededDataLoader(DataLoader[Any]):
             loader_seed(self._seeds.base_seed, self._seeds.rank, self._epoch)
         )
         self._position, self._finished = start, False
+        self._shard_length = len(self.sampler)  # type: ignore[arg-type]
         run = _Pass(super().__iter__(), self)
         self._latest = run
         return run
@@ -171,7 +173,7 @@ class SeededDataLoader(DataLoader[Any]):
 
     def _advance(self, run: _Pass) -> None:
         if run is self._latest:
-            self._position = min(self._position + self._step, len(self.sampler))  # type: ignore[arg-type]
+            self._position = min(self._position + self._step, self._shard_length)
 
     def _end(self, run: _Pass) -> None:
         if run is not self._latest:

@@ -20,7 +20,7 @@ dataset receives a plain ``list`` of indices, as with torch.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch.utils.data import BatchSampler, get_worker_info
@@ -93,7 +93,7 @@ class SeededBatch(list[int]):
 
     __slots__ = ("ordinal", "slot_seed")
 
-    def __init__(self, indices: list[int], slot_seed: int, ordinal: int) -> None:
+    def __init__(self, indices: Iterable[int], slot_seed: int, ordinal: int) -> None:
         super().__init__(indices)
         self.slot_seed = slot_seed
         self.ordinal = ordinal
@@ -131,12 +131,14 @@ class SeededBatchSampler(BatchSampler):
         slot_seeds = [self.seeds.seed_for(w, workers, epoch) for w in range(workers)]
         while True:
             # islice fills each batch at C speed instead of one Python append per index.
-            batch = list(itertools.islice(indices, size))
-            if not batch or (self.drop_last and len(batch) < size):
-                return
             if workers:
                 ordinal, slot = divmod(batch_no, workers)
-                yield SeededBatch(batch, slot_seeds[slot], ordinal)
+                batch: list[int] = SeededBatch(
+                    itertools.islice(indices, size), slot_seeds[slot], ordinal
+                )
             else:
-                yield batch
+                batch = list(itertools.islice(indices, size))
+            if not batch or (self.drop_last and len(batch) < size):
+                return
+            yield batch
             batch_no += 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.ranks import RankResult, processes_carrying, run_ranks
+from helpers.ranks import RankResult, assert_bounded, run_ranks
 
 SCRIPT = Path(__file__).parent / "helpers" / "fault_rank.py"
 TIMEOUT = 20.0
@@ -43,13 +43,7 @@ def run(world: int, fault: str = "none", fault_rank: int = -1, **kw: object) -> 
         args=[token],
         **kw,  # type: ignore[arg-type]
     )
-    assert processes_carrying(token) == [], "a rank process outlived its case"
-    for r in results:
-        assert "test harness" not in r.stderr, f"rank {r.rank} hung:\n{r.stderr[-2000:]}"
-        for line in r.stderr.splitlines():
-            if line.startswith("ELAPSED "):
-                took = float(line.split()[1])
-                assert took <= TIMEOUT + BOUND_MARGIN, f"rank {r.rank} failed after {took}s"
+    assert_bounded(results, token, TIMEOUT + BOUND_MARGIN)
     return results
 
 

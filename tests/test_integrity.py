@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.ranks import RankResult, processes_carrying, run_ranks
+from helpers.ranks import RankResult, assert_bounded, run_ranks
 
 SCRIPT = Path(__file__).parent / "helpers" / "loader_rank.py"
 TIMEOUT = 15.0
@@ -35,12 +35,7 @@ def run_case(
         per_rank_env=per_rank,
         args=[token],
     )
-    assert processes_carrying(token) == [], "a rank process outlived its case"
-    for r in results:
-        assert "test harness" not in r.stderr, f"rank {r.rank} hung:\n{r.stderr[-2000:]}"
-        for line in r.stderr.splitlines():
-            if line.startswith("ELAPSED "):
-                assert float(line.split()[1]) <= TIMEOUT + BOUND_MARGIN, r.stderr[-2000:]
+    assert_bounded(results, token, TIMEOUT + BOUND_MARGIN)
     return results
 
 

@@ -58,6 +58,18 @@ def parse_verify(output: str, what: str = "the job") -> list[dict[str, Any]]:
     return sorted(reports, key=lambda r: int(r["rank"]))
 
 
+def assert_bounded(results: list[RankResult], token: str, limit: float) -> None:
+    """No process of the case (carrying ``token``) outlived it, no rank hung, and every rank
+    that reported ``ELAPSED <seconds>`` (a rank script's failure path) failed within ``limit``."""
+    assert processes_carrying(token) == [], "a rank process outlived its case"
+    for r in results:
+        assert "test harness" not in r.stderr, f"rank {r.rank} hung:\n{r.stderr[-2000:]}"
+        for line in r.stderr.splitlines():
+            if line.startswith("ELAPSED "):
+                took = float(line.split()[1])
+                assert took <= limit, f"rank {r.rank} failed after {took}s:\n{r.stderr[-2000:]}"
+
+
 def processes_carrying(token: str) -> list[int]:
     """Pids whose command line or environment holds ``token`` (what one test case started)."""
     pids = []
