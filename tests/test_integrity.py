@@ -155,6 +155,18 @@ def test_files_of_different_saves_are_refused_on_every_rank(tmp_path: Path) -> N
     )
 
 
+def test_a_long_error_reaches_every_rank_whole(tmp_path: Path) -> None:
+    # Rank 0 alone reads the commit record; its error, with a 300-character path, must reach
+    # rank 1 whole, fix text included (per-rank lines used to be cut at 256 bytes).
+    deep = tmp_path / ("d" * 150) / ("e" * 150)
+    deep.mkdir(parents=True)
+    results = run_case(2, "loader,load", env={"STATE": str(deep / "rng.pt")})
+    messages = assert_all_failed(results, "StateError", "failed on 1 of 2 ranks")
+    for rank in (0, 1):
+        assert f"rank 0: no checkpoint at {deep / 'rng.pt'}: its commit record" in messages[rank]
+        assert "pass the path given to save_state, or start fresh" in messages[rank]
+
+
 def test_save_on_only_some_ranks_names_the_call_and_the_absent_rank(tmp_path: Path) -> None:
     env = {"STATE": str(tmp_path / "rng.pt")}
     results = run_case(2, "steps:1,save", env=env, per_rank={1: {"ACTIONS": "steps:1,barrier"}})
