@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, clean_env
 
-from ddpseed import launchers
 from ddpseed.errors import TopologyError
+from ddpseed.launchers import mpi as mpi_launchers
 from ddpseed.topology import ENVIRONMENTS, LAUNCHER_VARIABLES, choose, detect, job_port, outranked
 
 
@@ -99,9 +99,9 @@ def test_mpirun_inside_slurm_is_openmpi_with_rank0_on_the_first_node() -> None:
 
 
 def test_hydra_one_node_port_comes_from_its_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launchers, "ancestor_pid", lambda names: 4321)
+    monkeypatch.setattr(mpi_launchers, "ancestor_pid", lambda names: 4321)
     assert summary(HYDRA_RANK1) == ("mpich", 1, 1, 2, 2, 0, 1, "127.0.0.1", job_port("hydra-4321"))
-    monkeypatch.setattr(launchers, "ancestor_pid", lambda names: None)
+    monkeypatch.setattr(mpi_launchers, "ancestor_pid", lambda names: None)
     with pytest.raises(TopologyError, match="no job id to derive a rendezvous port"):
         detect(HYDRA_RANK1)
 

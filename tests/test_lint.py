@@ -39,11 +39,17 @@ def test_package_ships_py_typed() -> None:
 
 
 def _modules_with_examples() -> list[str]:
-    names = (m.name for m in pkgutil.iter_modules(ddpseed.__path__) if m.name != "__main__")
-    return sorted(n for n in names if ">>>" in (REPO / "ddpseed" / f"{n}.py").read_text())
+    """Every module of the package, subpackages included, whose docstrings hold an example."""
+    found = []
+    for m in pkgutil.walk_packages(ddpseed.__path__, "ddpseed."):
+        path = REPO.joinpath(*m.name.split("."))
+        source = path / "__init__.py" if m.ispkg else path.with_suffix(".py")
+        if m.name != "ddpseed.__main__" and ">>>" in source.read_text():
+            found.append(m.name)
+    return sorted(found)
 
 
 @pytest.mark.parametrize("name", _modules_with_examples())
 def test_docstring_examples_run(name: str) -> None:
-    result = doctest.testmod(importlib.import_module(f"ddpseed.{name}"))
+    result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0, result
