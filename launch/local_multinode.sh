@@ -21,12 +21,13 @@
 #   SUBNET          --subnet A.B.C        first three octets of the namespaces' /24
 #                                         (default 10.<200-249>.<0-255>, picked at random)
 #   DDPSEED_SEED    --seed N              base seed for every rank (optional)
+# --dry-run prints every node's torchrun command (the namespaces are not created) and starts
+# nothing; -h/--help prints this text.
 # Other settings of torchrun_multi_node.sh (PYTHON, PYTHONHASHSEED, ...) are passed through.
 # Output lines are prefixed with "[nodeI] ". The exit status is the first failing node's.
 set -euo pipefail
-
-usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-die() { echo "local_multinode.sh: $*" >&2; exit 2; }
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 node_sh=$here/torchrun_multi_node.sh
@@ -36,35 +37,31 @@ MODE=${MODE:-auto}
 RDZV=${RDZV:-static}
 MASTER_PORT=${MASTER_PORT:-29500}
 SUBNET=${SUBNET:-10.$((200 + RANDOM % 50)).$((RANDOM % 256))}
+DRY_RUN=0
 
-while (($#)); do
-    opt=$1
-    case $opt in
-        --) shift; break ;;
-        -h | --help) usage; exit 0 ;;
-        --*=*) name=${opt%%=*}; value=${opt#*=}; shift ;;
-        --*) name=$opt; (($# >= 2)) || die "$opt needs a value"; value=$2; shift 2 ;;
-        *) break ;;
+ddpseed_option() {
+    case $1 in
+        --nnodes) NNODES=$2 ;;
+        --nproc-per-node) NPROC_PER_NODE=$2 ;;
+        --mode) MODE=$2 ;;
+        --rdzv) RDZV=$2 ;;
+        --master-port) MASTER_PORT=$2 ;;
+        --subnet) SUBNET=$2 ;;
+        *) return 1 ;;
     esac
-    case ${name//_/-} in
-        --nnodes) NNODES=$value ;;
-        --nproc-per-node) NPROC_PER_NODE=$value ;;
-        --mode) MODE=$value ;;
-        --rdzv) RDZV=$value ;;
-        --master-port) MASTER_PORT=$value ;;
-        --subnet) SUBNET=$value ;;
-        --seed) export DDPSEED_SEED=$value ;;
-        *) die "unknown option $name (see --help)" ;;
-    esac
-done
+}
+ddpseed_options "$@"
+set -- "${REST[@]}"
 if ! [[ $NNODES =~ ^[1-9][0-9]*$ ]] || ((NNODES > 200)); then
-    die "NNODES=$NNODES: use 1..200"
+    ddpseed_die "NNODES=$NNODES: use 1..200"
 fi
-[[ $SUBNET =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "SUBNET=$SUBNET: give A.B.C"
-[[ -x $node_sh ]] || die "$node_sh is missing or not executable"
+[[ $SUBNET =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || ddpseed_die "SUBNET=$SUBNET: give A.B.C"
+[[ -x $node_sh ]] || ddpseed_die "$node_sh is missing or not executable"
+# Checked here once rather than by every node after the namespaces exist.
+ddpseed_seed_env
 
 tag=ddps$$
-namespaces=()
+NAMESPACES=()
 pids=()
 
 # shellcheck disable=SC2317  # reached through the trap
@@ -78,7 +75,7 @@ cleanup() {
         wait "$pid" 2>/dev/null || true
     done
     # Deleting a namespace deletes its interfaces (and their veth peers) with it.
-    for ns in "${namespaces[@]}"; do
+    for ns in "${NAMESPACES[@]}"; do
         ip netns delete "$ns" 2>/dev/null || true
     done
 }
@@ -90,34 +87,14 @@ netns_possible() {
     (($(id -u) == 0)) && command -v ip >/dev/null && ip netns list >/dev/null 2>&1
 }
 
-make_namespaces() {
-    # One bridge namespace plus one namespace per node; addresses exist only inside them.
-    local sw=${tag}sw i ns
-    ip netns add "$sw" || return 1
-    namespaces+=("$sw")
-    ip -n "$sw" link set lo up
-    ip -n "$sw" link add br0 type bridge
-    ip -n "$sw" link set br0 up
-    for ((i = 0; i < NNODES; i++)); do
-        ns=${tag}n$i
-        ip netns add "$ns"
-        namespaces+=("$ns")
-        ip link add name ddp0 netns "$ns" type veth peer name "p$i" netns "$sw"
-        ip -n "$sw" link set "p$i" master br0 up
-        ip -n "$ns" link set lo up
-        ip -n "$ns" addr add "$SUBNET.$((i + 1))/24" dev ddp0
-        ip -n "$ns" link set ddp0 up
-    done
-}
-
 case $MODE in
     auto) if netns_possible; then MODE=netns; else MODE=loopback; fi ;;
-    netns) netns_possible || die "netns mode needs root and iproute2's ip netns" ;;
+    netns) netns_possible || ddpseed_die "netns mode needs root and iproute2's ip netns" ;;
     loopback) ;;
-    *) die "MODE=$MODE: choose auto, netns or loopback" ;;
+    *) ddpseed_die "MODE=$MODE: choose auto, netns or loopback" ;;
 esac
-if [[ $MODE == netns ]] && ! make_namespaces; then
-    die "could not create network namespaces; run with --mode loopback"
+if [[ $MODE == netns ]] && ((!DRY_RUN)) && ! ddpseed_netns_hosts "$tag" "$SUBNET" "$NNODES"; then
+    ddpseed_die "could not create network namespaces; run with --mode loopback"
 fi
 master=127.0.0.1
 [[ $MODE == loopback ]] || master=$SUBNET.1
@@ -138,6 +115,11 @@ for ((i = 0; i < NNODES; i++)); do
         prefix=()
         node_env+=(GLOO_SOCKET_IFNAME=lo)
     fi
+    if ((DRY_RUN)); then
+        # Each node's torchrun command, as its node script would run it; nothing is started.
+        env "${node_env[@]}" "$node_sh" --dry-run "$@" 2>&1 | sed "s/^/[node$i] /"
+        continue
+    fi
     # setsid: each node is its own process group, so one kill stops torchrun and its ranks.
     # shellcheck disable=SC2016  # "$@" and PIPESTATUS belong to the inner shell
     setsid bash -c '"$@" 2>&1 | sed -u "s/^/[node'"$i"'] /"; exit "${PIPESTATUS[0]}"' _ \
@@ -145,6 +127,7 @@ for ((i = 0; i < NNODES; i++)); do
     pids+=("$!")
 done
 
+((!DRY_RUN)) || exit 0
 status=0
 for ((i = 0; i < NNODES; i++)); do
     rc=0

@@ -42,27 +42,18 @@ MASTER_PORT=${MASTER_PORT:-}
 MPIRUN=${MPIRUN:-mpirun}
 DRY_RUN=0
 
-while (($#)); do
-    opt=$1
-    case $opt in
-        --) shift; break ;;
-        -h | --help) ddpseed_usage; exit 0 ;;
-        --dry-run | --dry_run) DRY_RUN=1; shift; continue ;;
-        --*=*) name=${opt%%=*}; value=${opt#*=}; shift ;;
-        --*) name=$opt; (($# >= 2)) || ddpseed_die "$opt needs a value"; value=$2; shift 2 ;;
-        *) break ;;
+ddpseed_option() {
+    case $1 in
+        --np | --nproc) NP=$2 ;;
+        --hosts | --host) HOSTS=$2 ;;
+        --hostfile) HOSTFILE=$2 ;;
+        --master-addr) MASTER_ADDR=$2 ;;
+        --master-port) MASTER_PORT=$2 ;;
+        *) return 1 ;;
     esac
-    case ${name//_/-} in
-        --np | --nproc) NP=$value ;;
-        --hosts | --host) HOSTS=$value ;;
-        --hostfile) HOSTFILE=$value ;;
-        --master-addr) MASTER_ADDR=$value ;;
-        --master-port) MASTER_PORT=$value ;;
-        --seed) DDPSEED_SEED=$value ;;
-        *) ddpseed_die "unknown option $name (see --help)" ;;
-    esac
-done
-ddpseed_command "$@"
+}
+ddpseed_options "$@"
+ddpseed_command "${REST[@]}"
 ddpseed_seed_env
 
 # --- where the ranks run ----------------------------------------------------------------------
@@ -86,21 +77,16 @@ elif [[ -n $HOSTFILE ]]; then
     first_host=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF { print $1; exit }')
     [[ -n $first_host ]] || ddpseed_die "HOSTFILE=$HOSTFILE names no host"
 fi
-if [[ -z $NP ]]; then
-    NP=$("${PYTHON:-python3}" -c 'import torch; print(torch.cuda.device_count() or 1)')
-fi
-if ! is_uint "$NP" || ((NP < 1)); then
-    ddpseed_die "NP=$NP is not a positive integer"
-fi
+NP=${NP:-$(ddpseed_gpu_count)}
+ddpseed_positive NP "$NP"
 
 # --- rendezvous: only across nodes (one node: ddpseed uses loopback and mpirun's job id) -------
 if [[ -n $first_host ]]; then
     MASTER_ADDR=${MASTER_ADDR:-$first_host}
-    MASTER_PORT=${MASTER_PORT:-$((10000 + $$ % 20000))}
+    # This script's pid names the launch: concurrent launches from one host differ.
+    MASTER_PORT=${MASTER_PORT:-$(ddpseed_job_port $$)}
 fi
-if [[ -n $MASTER_PORT ]] && { ! is_uint "$MASTER_PORT" || ((MASTER_PORT < 1 || MASTER_PORT > 65535)); }; then
-    ddpseed_die "MASTER_PORT=$MASTER_PORT is not a TCP port"
-fi
+[[ -z $MASTER_PORT ]] || ddpseed_check_port MASTER_PORT "$MASTER_PORT"
 
 # --- the mpirun command, in the flavour's own option names ------------------------------------
 exported=(PYTHONHASHSEED)
@@ -121,10 +107,8 @@ else
     [[ -z $HOSTFILE ]] || args+=(-f "$HOSTFILE")
     for var in "${exported[@]}"; do args+=(-genv "$var" "${!var}"); done
 fi
-if [[ -n ${MPIRUN_EXTRA_ARGS:-} ]]; then
-    read -r -a extra <<<"$MPIRUN_EXTRA_ARGS"
-    args+=("${extra[@]}")
-fi
+ddpseed_extra_args "${MPIRUN_EXTRA_ARGS:-}"
+args+=("${EXTRA[@]}")
 
 echo "ddpseed launch: $MPIRUN ($flavour), $NP processes${first_host:+ from $first_host}," \
     "MASTER_ADDR=${MASTER_ADDR:-<loopback>} MASTER_PORT=${MASTER_PORT:-<from the job id>}" \

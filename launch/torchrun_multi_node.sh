@@ -44,9 +44,8 @@
 #
 # Options use `--name value` or `--name=value`; underscores work too (--nproc_per_node=2).
 set -euo pipefail
-
-usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-die() { echo "torchrun_multi_node.sh: $*" >&2; exit 2; }
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 NNODES=${NNODES:-1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-}
@@ -60,82 +59,41 @@ RDZV_IS_HOST=${RDZV_IS_HOST:-}
 PYTHON=${PYTHON:-}
 DRY_RUN=0
 
-# --- options --------------------------------------------------------------------------------
-while (($#)); do
-    opt=$1
-    case $opt in
-        --) shift; break ;;
-        -h | --help) usage; exit 0 ;;
-        --dry-run | --dry_run) DRY_RUN=1; shift; continue ;;
-        --*=*) name=${opt%%=*}; value=${opt#*=}; shift ;;
-        --*) name=$opt; (($# >= 2)) || die "$opt needs a value"; value=$2; shift 2 ;;
-        *) break ;;
+ddpseed_option() {
+    case $1 in
+        --nnodes) NNODES=$2 ;;
+        --nproc-per-node) NPROC_PER_NODE=$2 ;;
+        --node-rank) NODE_RANK=$2 ;;
+        --master-addr) MASTER_ADDR=$2 ;;
+        --master-port) MASTER_PORT=$2 ;;
+        --rdzv) RDZV=$2 ;;
+        --run-id | --rdzv-id) RUN_ID=$2 ;;
+        --local-addr) LOCAL_ADDR=$2 ;;
+        --rdzv-is-host) RDZV_IS_HOST=$2 ;;
+        *) return 1 ;;
     esac
-    case ${name//_/-} in
-        --nnodes) NNODES=$value ;;
-        --nproc-per-node) NPROC_PER_NODE=$value ;;
-        --node-rank) NODE_RANK=$value ;;
-        --master-addr) MASTER_ADDR=$value ;;
-        --master-port) MASTER_PORT=$value ;;
-        --rdzv) RDZV=$value ;;
-        --run-id | --rdzv-id) RUN_ID=$value ;;
-        --local-addr) LOCAL_ADDR=$value ;;
-        --rdzv-is-host) RDZV_IS_HOST=$value ;;
-        --seed) DDPSEED_SEED=$value ;;
-        *) die "unknown option $name (see --help)" ;;
-    esac
-done
-
-# --- the command every rank runs ------------------------------------------------------------
-(($#)) || set -- -m ddpseed verify
-case ${1##*/} in
-    python | python[0-9]*)
-        # An explicit interpreter also runs torchrun, so the workers use it too.
-        PYTHON=${PYTHON:-$1}
-        shift
-        (($#)) || die "no script after the interpreter"
-        ;;
-esac
-PYTHON=${PYTHON:-python3}
-case $1 in
-    -m) (($# >= 2)) || die "-m needs a module name"; target=(--module "${@:2}") ;;
-    -m?*) target=(--module "${1#-m}" "${@:2}") ;;
-    *.py) target=("$@") ;;
-    *) target=(--no-python "$@") ;;
-esac
+}
+ddpseed_options "$@"
+ddpseed_torchrun_target "${REST[@]}"
 
 # --- checks -----------------------------------------------------------------------------------
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 # NNODES may be a range MIN:MAX with c10d (elastic: starts once MIN nodes have joined).
-[[ $NNODES =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || die "NNODES=$NNODES is not a count N or MIN:MAX"
-is_uint "$NODE_RANK" || die "NODE_RANK=$NODE_RANK is not an integer"
-if ! is_uint "$MASTER_PORT" || ((MASTER_PORT < 1 || MASTER_PORT > 65535)); then
-    die "MASTER_PORT=$MASTER_PORT is not a TCP port"
-fi
-if [[ -z $NPROC_PER_NODE ]]; then
-    # One process per visible GPU (CUDA_VISIBLE_DEVICES is honoured), one on a CPU-only node.
-    NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')
-fi
-if ! is_uint "$NPROC_PER_NODE" || ((NPROC_PER_NODE < 1)); then
-    die "NPROC_PER_NODE=$NPROC_PER_NODE is not a positive integer"
-fi
-
-# --- reproducibility --------------------------------------------------------------------------
+[[ $NNODES =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || ddpseed_die "NNODES=$NNODES is not a count N or MIN:MAX"
+is_uint "$NODE_RANK" || ddpseed_die "NODE_RANK=$NODE_RANK is not an integer"
+ddpseed_check_port MASTER_PORT "$MASTER_PORT"
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(ddpseed_gpu_count)}
+ddpseed_positive NPROC_PER_NODE "$NPROC_PER_NODE"
 # Python randomises str/bytes hashes per process; pin them so set iteration order and anything
 # hashed is the same on every rank and every run. Workers inherit the environment.
-export PYTHONHASHSEED=${PYTHONHASHSEED:-0}
-if [[ -n ${DDPSEED_SEED:-} ]]; then
-    is_uint "$DDPSEED_SEED" || die "DDPSEED_SEED=$DDPSEED_SEED is not a non-negative integer"
-    export DDPSEED_SEED
-fi
+ddpseed_seed_env
 
 # --- rendezvous -------------------------------------------------------------------------------
 args=(--nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE")
 case $RDZV in
     static)
         # Node ranks are fixed by hand; node 0 opens the store on MASTER_ADDR:MASTER_PORT.
-        is_uint "$NNODES" || die "NNODES=$NNODES: a MIN:MAX range needs RDZV=c10d"
-        ((NODE_RANK < NNODES)) || die "NODE_RANK=$NODE_RANK is not in [0, NNODES=$NNODES)"
+        is_uint "$NNODES" || ddpseed_die "NNODES=$NNODES: a MIN:MAX range needs RDZV=c10d"
+        ((NODE_RANK < NNODES)) || ddpseed_die "NODE_RANK=$NODE_RANK is not in [0, NNODES=$NNODES)"
         args+=(--node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT")
         ;;
     c10d)
@@ -148,8 +106,8 @@ case $RDZV in
             elif [[ $NNODES == 1 ]]; then
                 RUN_ID=ddpseed-$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM
             else
-                die "RDZV=c10d on $NNODES nodes needs RUN_ID: the same id on every node, new for" \
-                    "every job (e.g. RUN_ID=exp42-\$(date +%Y%m%d%H%M)); inside Slurm it" \
+                ddpseed_die "RDZV=c10d on $NNODES nodes needs RUN_ID: the same id on every node," \
+                    "new for every job (e.g. RUN_ID=exp42-\$(date +%Y%m%d%H%M)); inside Slurm it" \
                     "defaults to the job id"
             fi
         fi
@@ -163,26 +121,16 @@ case $RDZV in
             '') ;;
             1 | true | yes) args+=(--rdzv-conf=is_host=true) ;;
             0 | false | no) args+=(--rdzv-conf=is_host=false) ;;
-            *) die "RDZV_IS_HOST=$RDZV_IS_HOST: use 1 or 0" ;;
+            *) ddpseed_die "RDZV_IS_HOST=$RDZV_IS_HOST: use 1 or 0" ;;
         esac
         ;;
-    *) die "RDZV=$RDZV: choose static or c10d" ;;
+    *) ddpseed_die "RDZV=$RDZV: choose static or c10d" ;;
 esac
 [[ -z $LOCAL_ADDR ]] || args+=(--local-addr="$LOCAL_ADDR")
-if [[ -n ${TORCHRUN_EXTRA_ARGS:-} ]]; then
-    read -r -a extra <<<"$TORCHRUN_EXTRA_ARGS"
-    args+=("${extra[@]}")
-fi
+ddpseed_extra_args "${TORCHRUN_EXTRA_ARGS:-}"
 
 echo "ddpseed launch: torchrun $RDZV rendezvous at $MASTER_ADDR:$MASTER_PORT," \
     "node $( [[ $RDZV == static ]] && echo "$NODE_RANK" || echo '?')/$NNODES," \
     "$NPROC_PER_NODE processes, PYTHONHASHSEED=$PYTHONHASHSEED," \
     "DDPSEED_SEED=${DDPSEED_SEED:-<unset>}" >&2
-
-cmd=("$PYTHON" -m torch.distributed.run "${args[@]}" "${target[@]}")
-if ((DRY_RUN)); then
-    printf '%q ' "${cmd[@]}"
-    echo
-    exit 0
-fi
-exec "${cmd[@]}"
+ddpseed_run "$PYTHON" -m torch.distributed.run "${args[@]}" "${EXTRA[@]}" "${TARGET[@]}"

@@ -8,14 +8,13 @@ tests/test_mpi.py; Slurm's in tests/test_slurm.py.
 from __future__ import annotations
 
 import contextlib
-import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from conftest import REPO, clean_env
+from conftest import clean_env
 
 from ddpseed.errors import TopologyError
 from ddpseed.launchers import mpi as mpi_launchers
@@ -313,46 +312,3 @@ def test_ddpseed_env_names_only_the_chosen_launcher_and_why() -> None:
     assert "outranked (an outer launch): slurm" in lines[2], lines
     assert "Single" not in out.stdout and len(lines) == 3, lines
     assert choose(clean_env()).name == "single"
-
-
-@pytest.mark.parametrize(
-    ("script", "env", "args", "expected"),
-    [
-        ("mpirun.sh", {"MPIRUN": "mpirun.openmpi"}, ["--np", "4", "train.py"],
-         "-np 4 .* -x PYTHONHASHSEED python3 train.py$"),
-        ("mpirun.sh", {"MPIRUN": "mpirun.openmpi"}, ["--hosts", "n0:4,n1:2", "-m", "m"],
-         r"-np 6 .*--host n0:4\\,n1:2 -x PYTHONHASHSEED -x MASTER_ADDR -x MASTER_PORT "
-         "python3 -m m$"),
-        ("mpirun.sh", {"MPIRUN": "mpiexec.mpich", "DDPSEED_SEED": "9"}, ["--hosts", "a,b"],
-         "-n 2 -hosts a\\\\,b -genv PYTHONHASHSEED 0 -genv DDPSEED_SEED 9 -genv MASTER_ADDR a "
-         "-genv MASTER_PORT [0-9]+ python3 -m ddpseed verify$"),
-        ("lsf_jsrun.lsf", {"LSB_MCPU_HOSTS": "batch 1 a 42 b 42"}, ["train.py"],
-         "jsrun --nrs 12 --rs_per_host 6 .* python3 train.py$"),
-        ("pbs_mpiexec.pbs", {"PPN": "4", "DEPTH": "8"}, ["train.py"],
-         "mpiexec -n 8 --ppn 4 --depth 8 --cpu-bind depth --env PYTHONHASHSEED=0 python3 "
-         "train.py$"),
-    ],
-)  # fmt: skip
-def test_launch_scripts_dry_run(
-    script: str,
-    env: dict[str, str],
-    args: list[str],
-    expected: str,
-    openmpi_installed: str,
-    mpich_installed: str,
-    tmp_path: Path,
-) -> None:
-    nodefile = tmp_path / "nodes"
-    nodefile.write_text("x1\nx1\nx2\n")
-    run_env = clean_env({"PYTHON": "python3", "PBS_NODEFILE": str(nodefile), **env})
-    out = subprocess.run(
-        [str(REPO / "launch" / script), "--dry-run", *args],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    line = out.stdout.strip()
-    assert line.startswith("ddpseed dry run: "), out.stdout
-    assert re.search(expected, line), line

@@ -204,6 +204,7 @@ def test_multi_node_script_builds_torchrun_command(args, env, expected):
         (("--nnodes=1:2",), {}, "needs RDZV=c10d"),
         (("--master-port=70000",), {}, "MASTER_PORT=70000"),
         (("--seed=-3",), {}, "DDPSEED_SEED=-3"),
+        (("--seed=4294967296",), {}, "DDPSEED_SEED=4294967296 is not an integer in [0, 2**32)"),
         (("--rdzv=etcd",), {}, "RDZV=etcd"),
         (("--bogus=1",), {}, "unknown option --bogus"),
         (("--nnodes",), {}, "--nnodes needs a value"),
@@ -221,6 +222,27 @@ def test_single_node_script_dry_run():
     assert done.returncode == 0, done.stderr
     assert "--nproc-per-node=2 --standalone --module ddpseed verify" in done.stdout
     assert "DDPSEED_SEED=5" in done.stderr
+
+
+def test_single_node_script_passes_the_seed_as_the_library_reads_it():
+    done = _dry_run("torchrun_single_node.sh", "--seed", "0007", "train.py")
+    assert done.returncode == 0, done.stderr
+    assert "DDPSEED_SEED=7" in done.stderr, done.stderr
+
+
+def test_local_multinode_dry_run_prints_every_node_command():
+    done = _dry_run(
+        "local_multinode.sh", "--mode=loopback", "--nnodes=3", "--master-port=2345", "--seed=9",
+        "--", "-m", "pkg.train",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if "ddpseed dry run:" in line]
+    assert len(lines) == 3, done.stdout
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"[node{rank}] "), line
+        assert f"--nnodes=3 --nproc-per-node=2 --node-rank={rank} --master-addr=127.0.0.1 " \
+            "--master-port=2345 --module pkg.train" in line, line  # fmt: skip
+    assert "DDPSEED_SEED=9" in done.stdout
 
 
 def test_local_multinode_failing_node_fails_the_run(procs, launch_env, free_port):
