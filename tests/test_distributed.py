@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 import ddpseed
-from helpers.ranks import clean_env, free_port, parse_verify, processes_carrying, torchrun
+from helpers.procs import clean_env, free_port, processes_carrying
+from helpers.ranks import parse_verify, torchrun
 
 
 def verify(nproc: int, *extra: str, env: dict[str, str] | None = None) -> list[dict]:  # type: ignore[type-arg]

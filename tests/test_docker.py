@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
+from helpers.procs import REPO, clean_env
+
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it comes with podman-compose)")
 
-REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.yaml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 PROFILES = {"cpu": ("node0", "node1"), "gpu": ("node0-gpu", "node1-gpu")}
@@ -40,10 +41,10 @@ def compose_config(profile: str) -> dict[str, Any]:
         import podman_compose  # noqa: F401
     except ImportError:
         pytest.skip("podman-compose is not installed (pip install podman-compose)")
+    # compose.yaml interpolates DDPSEED_SEED (dropped by clean_env), GPUS_PER_NODE and
+    # TORCH_CUDA_INDEX_URL: none of this environment's may leak into the rendered config.
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DDPSEED_SEED", "GPUS_PER_NODE", "TORCH_CUDA_INDEX_URL")
+        k: v for k, v in clean_env().items() if k not in ("GPUS_PER_NODE", "TORCH_CUDA_INDEX_URL")
     }
     done = subprocess.run(
         [

@@ -30,14 +30,8 @@ from ddpseed.files import atomic_write_bytes
 from ddpseed.hostlist import expand_hostlist
 from ddpseed.state import COMMIT_FORMAT, commit_path, read_state, state_path
 from ddpseed.topology import detect
-from helpers.ranks import (
-    REPO,
-    RankResult,
-    clean_env,
-    processes_carrying,
-    run_ranks,
-    without_launcher,
-)
+from helpers.procs import REPO, clean_env, processes_carrying, without_launcher
+from helpers.ranks import RankResult, run_ranks
 
 SCRIPT = Path(__file__).parent / "helpers" / "input_rank.py"
 TIMEOUT = 20.0

@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, clean_env
 
 from ddpseed.derivation import validate_seed
 from ddpseed.errors import SeedValueError
 from ddpseed.topology import job_port
+from helpers.procs import REPO, clean_env
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,11 @@ import pkgutil
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import ddpseed
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.procs import REPO
 
 
 def test_ruff_clean() -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, ProcessGroup
 
 from helpers.netns import IFNAME, Host
+from helpers.procs import REPO, ProcessGroup
 
 RANK_SCRIPT = REPO / "tests" / "helpers" / "mpi_rank.py"
 MARKER = "MPI_RANK "

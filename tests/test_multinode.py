@@ -1,7 +1,8 @@
-"""Real multi-node runs: two hosts as Linux network namespaces joined by a veth pair.
+"""Real multi-node runs: two hosts as Linux network namespaces joined through a bridge.
 
-Each "host" is a network namespace with one interface, ``ddp0``, holding an address of a /30
-that exists only inside the two namespaces (plus ``lo``). ``launch/torchrun_multi_node.sh``
+Each "host" is a network namespace with one interface, ``ddp0``, holding an address of a /24
+that exists only inside the namespaces (plus ``lo``), built by launch/lib.sh as
+local_multinode.sh builds its nodes. ``launch/torchrun_multi_node.sh``
 runs in each through ``ip netns exec``, so the ranks of node 1 reach node 0 over a real
 interface, exactly as on two machines. No traffic leaves the namespaces or loopback.
 
@@ -11,15 +12,14 @@ torchrun command lines the launch scripts build (--dry-run, no processes started
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from helpers.netns import IFNAME, Host, _ip, _netns_unavailable
+from helpers.procs import REPO, clean_env
 
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+LAUNCH = REPO / "launch"
 
 
 def _start_node(
@@ -156,21 +156,14 @@ def test_single_node_script(
 
 
 def _dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in DRY_RUN_VARS}
     return subprocess.run(
         [str(LAUNCH / script), "--dry-run", *args],
-        env={**clean, "NPROC_PER_NODE": "2", **env},
+        env=clean_env({"NPROC_PER_NODE": 2, **env}),
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-
-
-DRY_RUN_VARS = (
-    "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV", "RUN_ID", "LOCAL_ADDR",
-    "RDZV_IS_HOST", "PYTHON", "DDPSEED_SEED", "PYTHONHASHSEED", "TORCHRUN_EXTRA_ARGS",
-)  # fmt: skip
 
 
 @pytest.mark.parametrize(

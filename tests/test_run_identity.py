@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 import ddpseed
 from ddpseed import rundir
-from helpers.ranks import RankResult, free_port, parse_verify, run_ranks, torchrun, without_launcher
+from helpers.procs import REPO, free_port, without_launcher
+from helpers.ranks import RankResult, parse_verify, run_ranks, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 RANK_SCRIPT = REPO / "tests" / "helpers" / "fault_rank.py"  # prints "OK <base seed>"
 DEMO = ["-m", "ddpseed.demo", "--epochs", "2", "--samples", "192", "--batch-size", "16"]
 VERIFY = ["-m", "ddpseed", "verify", "--json", "--num-workers", "0"]

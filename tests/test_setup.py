@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import ddpseed
 from ddpseed import seeding
 from ddpseed.topology import Topology
-from helpers.ranks import without_launcher
+from helpers.procs import without_launcher
 
 
 @pytest.fixture(autouse=True)

@@ -14,13 +14,11 @@ under a file lock, if missing (tests/helpers/slurm_install.py, through conftest'
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,11 +31,11 @@ from pathlib import Path
 import pytest
 
 from ddpseed.topology import SlurmEnvironment
-from helpers.ranks import free_port, parse_verify, without_launcher
+from helpers.procs import REPO, ProcessGroup, clean_env, free_port, stop_pids
+from helpers.ranks import parse_verify
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 HELPERS = Path(__file__).resolve().parent / "helpers"
 TERMINAL = {
@@ -73,9 +71,13 @@ class SlurmCluster:
 
     root: Path
     hostname: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
-    daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
     munged_pid: int | None = None
+    daemons: ProcessGroup = field(init=False)
     install_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        # the daemons' own stdout goes to log/<name>-stdout.log, beside the logs they write
+        self.daemons = ProcessGroup(self.root / "log")
 
     @property
     def conf(self) -> Path:
@@ -88,12 +90,7 @@ class SlurmCluster:
     def env(self, **extra: str) -> dict[str, str]:
         """A client environment for this cluster (and nothing of an enclosing job)."""
         # the job inherits the submitter's environment: only what a test passes may reach it
-        keep = without_launcher(os.environ)
-        keep["SLURM_CONF"] = str(self.conf)
-        keep["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), keep.get("PYTHONPATH")]))
-        keep["PYTHONUNBUFFERED"] = "1"
-        keep.update(extra)
-        return keep
+        return clean_env(SLURM_CONF=self.conf, **extra)
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,12 +99,12 @@ class SlurmCluster:
         (self.root / "munge").chmod(0o755)  # munged refuses a socket dir others can write
         self._start_munge()
         self._write_conf()
-        logs = self.root / "log"
-        self._spawn(["slurmctld", "-D", "-f", str(self.conf)], logs / "slurmctld.out")
+        self.daemons.start(
+            "slurmctld-stdout", ["slurmctld", "-D", "-f", str(self.conf)], self.env()
+        )
         for node in ("n1", "n2"):
-            self._spawn(
-                ["slurmd", "-D", "-N", node, "-f", str(self.conf)], logs / f"slurmd-{node}.out"
-            )
+            cmd = ["slurmd", "-D", "-N", node, "-f", str(self.conf)]
+            self.daemons.start(f"slurmd-{node}-stdout", cmd, self.env())
         self._wait_idle(timeout=90)
 
     def _start_munge(self) -> None:
@@ -174,25 +171,12 @@ NodeName=n2 NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={n2} CPUs=4 Sta
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=30 State=UP
 """)
 
-    def _spawn(self, cmd: list[str], log: Path) -> None:
-        with log.open("wb") as out:
-            self.daemons.append(
-                subprocess.Popen(
-                    cmd,
-                    env=self.env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         states = ""
         while time.monotonic() < deadline:
-            for proc in self.daemons:
-                assert proc.poll() is None, f"{proc.args} exited:\n{self.logs()}"
+            for proc in self.daemons.procs:
+                assert proc.popen.poll() is None, f"{proc.name} exited:\n{self.logs()}"
             done = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(), timeout=20)
             states = done.stdout.strip()
             seen = dict(line.split() for line in states.splitlines() if line.strip())
@@ -264,7 +248,7 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=30 State=UP
 
     # -- stop --------------------------------------------------------------------------------
     def stop(self) -> None:
-        if self.daemons and self.daemons[0].poll() is None:
+        if self.daemons.procs and self.daemons.procs[0].popen.poll() is None:
             # Cancel leftovers first, so no slurmstepd outlives its slurmd.
             _run(["scancel", "--full", "--partition=debug"], env=self.env(), timeout=20)
             deadline = time.monotonic() + 20
@@ -273,18 +257,9 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=30 State=UP
                 if queued.returncode != 0 or not queued.stdout.strip():
                     break
                 time.sleep(0.2)
-        for proc in reversed(self.daemons):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.daemons:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        self.daemons.kill_all(grace=20)
         if self.munged_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.munged_pid, signal.SIGTERM)
+            stop_pids([self.munged_pid], grace=10)
 
 
 @pytest.fixture(scope="module")

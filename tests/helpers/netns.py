@@ -1,12 +1,12 @@
-"""Two "hosts" on one machine: Linux network namespaces joined by a veth pair.
+"""Two "hosts" on one machine: Linux network namespaces joined through a bridge (veth pairs).
 
 The ``netns_pair`` fixture (registered in tests/conftest.py) is shared by the multi-node
 torchrun tests (tests/test_multinode.py) and the multi-host mpirun tests (tests/test_mpi.py).
+The namespaces are made by the same bash function as launch/local_multinode.sh's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import shutil
@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from helpers.procs import REPO, stop_pids
+
 IFNAME = "ddp0"
+LIB_SH = REPO / "launch" / "lib.sh"
+# Runs ddpseed_netns_hosts and prints the namespaces it made, also those of a failed attempt.
+BUILD = (
+    'source "$0"; NAMESPACES=(); ddpseed_netns_hosts "$@"; rc=$?; echo "${NAMESPACES[@]}"; exit $rc'
+)
 _counter = itertools.count()
 
 
@@ -45,62 +52,36 @@ def _netns_unavailable() -> str | None:
 
 def _kill_namespace_processes(ns: str) -> None:
     listed = _ip("netns", "pids", ns)
-    for pid in listed.stdout.split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), 9)
+    stop_pids([int(pid) for pid in listed.stdout.split() if pid.isdigit()], grace=0)
 
 
 def netns_pair() -> Iterator[tuple[Host, Host]]:
-    """Two namespaces joined by a veth pair, addressed 10.x.y.{1,2}/30; removed afterwards."""
+    """Two hosts, built by launch/lib.sh's ``ddpseed_netns_hosts`` (what local_multinode.sh
+    uses): namespaces ``<tag>n0``/``<tag>n1`` at ``<subnet>.1``/``.2`` on ``ddp0``, joined
+    through a bridge namespace; removed afterwards with every process left in them."""
     reason = _netns_unavailable()
     if reason:
         pytest.skip(reason)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     n = next(_counter)
-    tag = f"ddpseed-{worker}-{os.getpid()}-{n}"
-    # A /30 of 10.64.0.0/10 picked from (pid, counter), so concurrent tests use different ones.
-    block = ((os.getpid() << 6) | (n & 63)) % (1 << 20)
-    base = (10 << 24) | (64 << 16) | (block << 2)
-
-    def addr(host: int) -> str:
-        value = base + host
-        return ".".join(str((value >> s) & 255) for s in (24, 16, 8, 0))
-
-    hosts = (Host(f"{tag}-a", addr(1)), Host(f"{tag}-b", addr(2)))
+    tag = f"ddpseed-{worker}-{os.getpid()}-{n}-"
+    # A /24 of 10.64.0.0/10 picked from (pid, counter), so concurrent tests use different ones
+    # (local_multinode.sh picks from 10.200.0.0/16 - 10.249.255.0).
+    block = ((os.getpid() << 6) | (n & 63)) % (1 << 14)
+    subnet = f"10.{64 + (block >> 8)}.{block & 255}"
     created: list[str] = []
     try:
-        for host in hosts:
-            done = _ip("netns", "add", host.ns)
-            assert done.returncode == 0, done.stderr
-            created.append(host.ns)
-        setup = [
-            (
-                "link",
-                "add",
-                "name",
-                IFNAME,
-                "netns",
-                hosts[0].ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                IFNAME,
-                "netns",
-                hosts[1].ns,
-            ),
-        ]
-        for host in hosts:
-            setup += [
-                ("-n", host.ns, "link", "set", "lo", "up"),
-                ("-n", host.ns, "addr", "add", f"{host.addr}/30", "dev", IFNAME),
-                ("-n", host.ns, "link", "set", IFNAME, "up"),
-            ]
-        for args in setup:
-            done = _ip(*args)
-            assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr}"
-        yield hosts
+        made = subprocess.run(
+            ["bash", "-c", BUILD, str(LIB_SH), tag, subnet, "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        created = made.stdout.split()
+        assert made.returncode == 0, f"ddpseed_netns_hosts failed: {made.stderr}"
+        yield Host(f"{tag}n0", f"{subnet}.1"), Host(f"{tag}n1", f"{subnet}.2")
     finally:
         for ns in created:
             _kill_namespace_processes(ns)
-            _ip("netns", "delete", ns)  # takes the veth pair with it
+            _ip("netns", "delete", ns)  # takes its interfaces with it

@@ -1,12 +1,10 @@
-"""Run real rank processes (plain env:// ranks or torchrun) with deadlines and cleanup."""
+"""Run real rank processes (plain env:// ranks or torchrun) with deadlines and cleanup, and read
+and check what ``ddpseed verify --json`` reports. Environments, ports and killing come from
+tests/helpers/procs.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,34 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddpseed.topology import LAUNCHER_VARIABLES
+from helpers.procs import clean_env, free_port, kill_tree, processes_carrying
 
-REPO = Path(__file__).resolve().parents[2]
-# A test's child processes see only the launcher variables the test itself passes (the suite
-# may itself run inside torchrun, Slurm, mpirun or a job): every variable ddpseed reads
-# (ddpseed.topology.LAUNCHER_VARIABLES), ddpseed's own DDPSEED_* settings, and the settings of
-# the launch/ scripts.
-LAUNCHER_PREFIXES = ("DDPSEED_",)
-LAUNCH_SCRIPT_VARS = frozenset(
-    {
-        *("NODE_RANK", "NNODES", "NPROC_PER_NODE", "RDZV", "RUN_ID", "LOCAL_ADDR", "NP"),
-        *("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "RDZV_IS_HOST", "TORCHRUN_EXTRA_ARGS"),
-        *("TORCHRUN_SH", "DRY_RUN", "PYTHONHASHSEED", "PYTHON", "MPIRUN", "HOSTS", "HOSTFILE"),
-        *("MPIRUN_EXTRA_ARGS",),
-    }
-)
-LAUNCHER_VARS = LAUNCHER_VARIABLES | LAUNCH_SCRIPT_VARS
-
-
-def without_launcher(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` without the variables named by LAUNCHER_VARS and LAUNCHER_PREFIXES."""
-    return {
-        k: v
-        for k, v in environ.items()
-        if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)
-    }
-
-
+SHARD_ITEMS = 64  # `ddpseed verify` shards a 64-item dataset
 VERIFY_MARKER = "DDPSEED_VERIFY "
 
 
@@ -70,35 +43,6 @@ def assert_bounded(results: list[RankResult], token: str, limit: float) -> None:
                 assert took <= limit, f"rank {r.rank} failed after {took}s:\n{r.stderr[-2000:]}"
 
 
-def processes_carrying(token: str) -> list[int]:
-    """Pids whose command line or environment holds ``token`` (what one test case started)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if any(token.encode() in (proc / f).read_bytes() for f in ("cmdline", "environ")):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel's choice for port 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = without_launcher(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
-
-
 @dataclass
 class RankResult:
     rank: int
@@ -106,11 +50,6 @@ class RankResult:
     stdout: str
     stderr: str
     elapsed: float
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_ranks(
@@ -158,13 +97,12 @@ def run_ranks(
             try:
                 out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_tree([proc], grace=0)
                 out, err = proc.communicate()
                 err += f"\n[test harness: rank {rank} killed after {timeout}s deadline]"
             results.append(RankResult(rank, proc.returncode, out, err, time.monotonic() - started))
     finally:
-        for _, proc, _ in procs:
-            _kill_group(proc)
+        kill_tree([proc for _, proc, _ in procs], grace=0)
     return results
 
 
@@ -203,9 +141,55 @@ def torchrun(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_tree([proc], grace=0)
         out, err = proc.communicate()
         raise AssertionError(f"torchrun exceeded {timeout}s:\n{err[-4000:]}") from None
     finally:
-        _kill_group(proc)
+        kill_tree([proc], grace=0)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def check_verify(
+    reports: Sequence[Mapping[str, Any]],
+    *,
+    nodes: int,
+    per_node: int,
+    launcher: str,
+    seed: int | None = None,
+    static_nodes: bool = True,
+) -> None:
+    """Every rank agrees and reports the topology its launcher gave it.
+
+    ``static_nodes`` means node ``k`` holds ranks ``k*per_node ...``; with c10d rendezvous the
+    node ranks come from arrival order, so only their consistency is checked.
+    """
+    world = nodes * per_node
+    brief = [
+        {k: r.get(k) for k in ("rank", "node_rank", "local_rank", "launcher", "base_seed")}
+        for r in reports
+    ]
+    assert [r["rank"] for r in reports] == list(range(world)), brief
+    assert all(r["agree"] is True for r in reports), brief
+    assert len({r["base_seed"] for r in reports}) == 1, brief
+    if seed is not None:
+        assert reports[0]["base_seed"] == seed, brief
+    assert len({r["process_seed"] for r in reports}) == world, "process seeds must differ"
+    places = set()
+    for r in reports:
+        assert r["launcher"] == launcher, brief
+        assert r["world_size"] == world, r
+        assert r["local_world_size"] == per_node, r
+        assert r["num_nodes"] == nodes, r
+        assert 0 <= r["local_rank"] < per_node, r
+        assert 0 <= r["node_rank"] < nodes, r
+        assert r["rank"] == r["node_rank"] * per_node + r["local_rank"], r
+        if static_nodes:
+            assert r["node_rank"] == r["rank"] // per_node, r
+        places.add((r["node_rank"], r["local_rank"]))
+        assert isinstance(r["draws"], dict), r
+    assert len(places) == world, f"two ranks claim one (node, local rank): {brief}"
+    assert len({(r["master_addr"], r["master_port"]) for r in reports}) == 1, reports
+    shards = [list(r["shard"]) for r in reports]
+    flat = [i for s in shards for i in s]
+    assert len(flat) == len(set(flat)), f"sampler shards overlap: {shards}"
+    assert sorted(flat) == list(range(SHARD_ITEMS)), f"shards do not cover the data: {shards}"
