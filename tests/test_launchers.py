@@ -313,3 +313,15 @@ def test_ddpseed_env_names_only_the_chosen_launcher_and_why() -> None:
     assert "outranked (an outer launch): slurm" in lines[2], lines
     assert "Single" not in out.stdout and len(lines) == 3, lines
     assert choose(clean_env()).name == "single"
+
+
+@pytest.mark.parametrize("job", ["\u00b2", "\u0661\u0662", "12\uff13"])
+def test_a_job_id_of_other_unicode_digits_is_not_read_as_a_number(job: str) -> None:
+    """Before: '²' raised ValueError from int(), and Slurm job '١٢' got port 10012 while
+    launch/lib.sh (ASCII digits only) refused it; now both are names, hashed like any other."""
+    port = job_port(job)
+    assert 10000 <= port < 30000 and port == job_port(job)
+    if job == "\u0661\u0662":
+        assert port != 10012
+    env = {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": job, "SLURM_NTASKS": "1"}
+    assert detect(env).master_port == 29500  # Slurm's default port needs a numeric job id

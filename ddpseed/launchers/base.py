@@ -101,6 +101,13 @@ def first_set(env: Mapping[str, str], names: Sequence[str]) -> str | None:
     return next((n for n in names if env.get(n)), None)
 
 
+def numeric_id(job_id: str) -> bool:
+    """Whether ``job_id`` is ASCII digits (``str.isdigit`` also takes ``'²'``, which ``int``
+    refuses, and Arabic-Indic digits, which ``int`` reads): the ids launch/lib.sh's
+    ``ddpseed_job_port`` takes, so bash and Python derive the same port."""
+    return job_id.isascii() and job_id.isdigit()
+
+
 def job_port(job_id: str) -> int:
     """The rendezvous port of a launch: ``10000 + id % 20000`` (a numeric id, as for Slurm),
     else derived from the id's CRC-32, so every rank of one launch computes the same port.
@@ -108,7 +115,7 @@ def job_port(job_id: str) -> int:
     >>> job_port("17"), job_port("1143930881"), job_port("fABC") == job_port("fABC")
     (10017, 20881, True)
     """
-    key = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    key = int(job_id) if numeric_id(job_id) else zlib.crc32(job_id.encode())
     return 10000 + key % 20000
 
 

@@ -13,6 +13,7 @@ from .base import (
     Topology,
     int_var,
     job_port,
+    numeric_id,
     safe_name,
 )
 
@@ -119,7 +120,7 @@ class SlurmEnvironment(LauncherEnvironment):
             local_world = per_node[node_rank]
         else:
             local_world = world
-        default_port = job_port(job_id) if job_id.isdigit() else DEFAULT_PORT
+        default_port = job_port(job_id) if numeric_id(job_id) else DEFAULT_PORT
         return Topology(
             launcher="slurm",
             rank=rank,
