@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # lib.sh: what every launch script shares (torchrun_*.sh, mpirun.sh, local_multinode.sh, the
 # Slurm, PBS and LSF batch scripts): help text, errors, option parsing, the rank command, the
 # port rule, seed checks as the library makes them, reproducible seeding and --dry-run.
@@ -38,6 +39,7 @@ ddpseed_options() {
 # ddpseed_command ARGS...: sets RANK_CMD, the command every rank runs. `train.py ARGS` and
 # `-m module ARGS` run with $PYTHON (default python3), `python[3] ...` and executables as
 # given; no arguments means `python3 -m ddpseed verify` (all ranks check they agree).
+# shellcheck disable=SC2034  # RANK_CMD is the caller's
 ddpseed_command() {
     (($#)) || set -- -m ddpseed verify
     case $1 in
@@ -50,6 +52,7 @@ ddpseed_command() {
 # ddpseed_torchrun_target ARGS...: the same command in torchrun's terms, in TARGET (a script,
 # `--module NAME ...`, or `--no-python EXECUTABLE ...`). An explicit `python[3]` also becomes
 # PYTHON, the interpreter that runs torchrun, so the workers use it too.
+# shellcheck disable=SC2034  # TARGET is the caller's
 ddpseed_torchrun_target() {
     (($#)) || set -- -m ddpseed verify
     case ${1##*/} in
@@ -75,7 +78,9 @@ ddpseed_gpu_count() {
 
 # ddpseed_positive NAME VALUE: dies unless VALUE is a positive integer.
 ddpseed_positive() {
-    is_uint "$2" && (($2 >= 1)) || ddpseed_die "$1=$2 is not a positive integer"
+    if ! is_uint "$2" || ((10#$2 < 1)); then
+        ddpseed_die "$1=$2 is not a positive integer"
+    fi
 }
 
 # ddpseed_check_port NAME VALUE: dies unless VALUE is a TCP port (1..65535).
@@ -98,7 +103,7 @@ ddpseed_job_port() {
 # ASCII digits only (not the other Unicode digits), at most 10 significant digits, a value in
 # [0, 2**32). tests/test_launch_scripts.py checks it against the Python rule.
 ddpseed_valid_seed() {
-    local text=$1 sign= digits
+    local text=$1 sign='' digits
     text=${text#"${text%%[![:space:]]*}"}
     text=${text%"${text##*[![:space:]]}"}
     case $text in
@@ -129,6 +134,7 @@ ddpseed_seed_env() {
 }
 
 # ddpseed_extra_args VALUE: VALUE split on spaces, in EXTRA (TORCHRUN_EXTRA_ARGS, ...).
+# shellcheck disable=SC2034  # EXTRA is the caller's
 ddpseed_extra_args() {
     EXTRA=()
     [[ -z ${1:-} ]] || read -r -a EXTRA <<<"$1"

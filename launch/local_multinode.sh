@@ -64,7 +64,7 @@ tag=ddps$$
 NAMESPACES=()
 pids=()
 
-# shellcheck disable=SC2317  # reached through the trap
+# shellcheck disable=SC2317,SC2329  # reached through the trap
 cleanup() {
     local pid ns
     trap - EXIT INT TERM

