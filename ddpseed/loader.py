@@ -114,7 +114,9 @@ class SeededDataLoader(DataLoader[Any]):
         self._position = 0
         self._finished = False
         self._passes = 0
-        self._latest: _Pass | None = None
+        # Which pass counts: a number, not a reference, so a finished pass's iterator (and the
+        # shard's index list it holds) is freed when the caller's loop drops it, as with torch.
+        self._latest = 0
         self._warned = False
 
     # -- epoch --------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ class SeededDataLoader(DataLoader[Any]):
             self._epoch = self.epoch
             self._resume_at = self._position = self._passes = 0
             self._finished = False
-            self._latest = None
+            self._latest += 1
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
@@ -147,9 +149,8 @@ class SeededDataLoader(DataLoader[Any]):
         )
         self._position, self._finished = start, False
         self._shard_length = len(self.sampler)  # type: ignore[arg-type]
-        run = _Pass(super().__iter__(), self)
-        self._latest = run
-        return run
+        self._latest += 1
+        return _Pass(super().__iter__(), self, self._latest)
 
     def _check_ranks(self, start: int) -> None:
         if self._topology is None:
@@ -172,11 +173,11 @@ class SeededDataLoader(DataLoader[Any]):
             )
 
     def _advance(self, run: _Pass) -> None:
-        if run is self._latest:
+        if run.number == self._latest:
             self._position = min(self._position + self._step, self._shard_length)
 
     def _end(self, run: _Pass) -> None:
-        if run is not self._latest:
+        if run.number != self._latest:
             return
         self._finished, self._resume_at = True, 0
         self._passes += 1
@@ -248,7 +249,7 @@ class SeededDataLoader(DataLoader[Any]):
         self._position, self._finished = int(state["position"]), bool(state["finished"])
         self._resume_at = 0 if self._finished else self._position
         self._passes = int(self._finished)
-        self._latest = None
+        self._latest += 1
 
     def __repr__(self) -> str:
         return (
@@ -260,9 +261,10 @@ class SeededDataLoader(DataLoader[Any]):
 class _Pass:
     """One pass over the shard: torch's iterator, counting what it hands to the caller."""
 
-    def __init__(self, inner: Iterator[Any], loader: SeededDataLoader) -> None:
+    def __init__(self, inner: Iterator[Any], loader: SeededDataLoader, number: int) -> None:
         self._inner = inner
         self._loader = loader
+        self.number = number
 
     def __iter__(self) -> _Pass:
         return self

@@ -142,16 +142,17 @@ def test_states_are_matched_by_name_not_by_place_among_live_loaders(tmp_path: Pa
 
 
 def test_a_throwaway_loader_made_first_does_not_shift_the_training_loader(tmp_path: Path) -> None:
-    def run(until: int | None) -> tuple[ddpseed.SeedPlan, list[Any]]:
+    def run(until: int | None) -> tuple[ddpseed.SeedPlan, Any, list[Any]]:
         plan = make_plan()
         stats = plan.dataloader(range(40), batch_size=8)  # built, used, dropped
         list(stats)
         del stats
         gc.collect()
         train = plan.dataloader(range(40), batch_size=5)
-        return plan, [b.tolist() for b in (train if until is None else _take(train, until))]
+        return plan, train, [b.tolist() for b in (train if until is None else _take(train, until))]
 
-    plan, _ = run(until=5)
+    # The training loader stays alive until the save, as in a training script.
+    plan, _train, _ = run(until=5)
     ddpseed.save_state(tmp_path / "rng.pt", plan)
     plan = make_plan()
     stats = plan.dataloader(range(40), batch_size=8)
@@ -160,7 +161,7 @@ def test_a_throwaway_loader_made_first_does_not_shift_the_training_loader(tmp_pa
     gc.collect()
     train = plan.dataloader(range(40), batch_size=5)
     ddpseed.load_state(tmp_path / "rng.pt", plan)
-    _, straight = run(until=None)
+    _, _, straight = run(until=None)
     assert [b.tolist() for b in train] == straight[5:]  # 3 batches remained, not 8
 
 
