@@ -37,7 +37,7 @@ from .collective import call_id, disagreement, exchange
 from .derivation import loader_seed
 from .errors import AgreementError, StateError
 from .topology import Topology
-from .workers import SeededBatchSampler, WorkerInitFn
+from .workers import RANDOMNESS, Randomness, SeededBatchSampler, WorkerInitFn
 
 # What a loader's state must match to continue it: state key -> how a message names it.
 CONTRACT = {
@@ -48,11 +48,13 @@ CONTRACT = {
     "num_workers": "num_workers",
     "num_replicas": "shards (ranks)",
     "shard_length": "shard length",
+    "randomness": "randomness (0 'batch', 1 'sample')",
 }
 _FIXES = {
     "num_workers": "per-batch worker seeds depend on the number of workers, so the resumed "
     "batches would differ; resume with the saved num_workers",
     "num_replicas": "resume with the saved number of ranks",
+    "randomness": "its samples would draw from other seeds; resume with the saved mode",
 }
 _ONLY_SOME_RANKS = (
     "A loader that only some ranks iterate on purpose (evaluation on rank 0) needs "
@@ -75,13 +77,17 @@ class SeededDataLoader(DataLoader[Any]):
         name: str,
         checks: Topology | None,
         timeout: float,
+        randomness: Randomness = "batch",
         **kwargs: Any,
     ) -> None:
         workers = int(kwargs.get("num_workers", 0))
-        if batch_size is None and workers:
+        if randomness not in RANDOMNESS:
+            raise ValueError(f"randomness={randomness!r}: choose one of {RANDOMNESS}")
+        if batch_size is None and (workers or randomness == "sample"):
             raise TypeError(
-                "plan.dataloader(batch_size=None, num_workers>0) cannot reseed workers per "
-                "batch, so it could not resume exactly; give a batch_size, or num_workers=0"
+                f"plan.dataloader(batch_size=None, num_workers={workers}, randomness="
+                f"{randomness!r}) has no batch to carry the seeds, so it could not resume "
+                "exactly; give a batch_size, or num_workers=0 and randomness='batch'"
             )
         super().__init__(
             dataset,
@@ -99,9 +105,10 @@ class SeededDataLoader(DataLoader[Any]):
             object.__setattr__(
                 self,
                 "batch_sampler",
-                SeededBatchSampler(sampler, batch_size, drop_last, seeds, workers),
+                SeededBatchSampler(sampler, batch_size, drop_last, seeds, workers, randomness),
             )
         self.name = name
+        self.randomness: Randomness = randomness
         self._seeds = seeds
         self._shuffle = shuffle
         # The job whose ranks every iter() checks; None for a loader of this rank alone.
@@ -201,6 +208,7 @@ class SeededDataLoader(DataLoader[Any]):
             "num_workers": self.num_workers,
             "num_replicas": int(self.sampler.num_replicas),  # type: ignore[attr-defined]
             "shard_length": len(self.sampler),  # type: ignore[arg-type]
+            "randomness": RANDOMNESS.index(self.randomness),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -253,7 +261,8 @@ class SeededDataLoader(DataLoader[Any]):
     def __repr__(self) -> str:
         return (
             f"SeededDataLoader(name={self.name!r}, epoch={self.epoch}, position={self._position}"
-            f", batch_size={self.batch_size}, num_workers={self.num_workers})"
+            f", batch_size={self.batch_size}, num_workers={self.num_workers}, "
+            f"randomness={self.randomness!r})"
         )
 
 
