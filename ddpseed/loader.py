@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from .collective import call_id, disagreement, exchange
 from .derivation import loader_seed
+from .elastic import global_position
 from .errors import AgreementError, StateError
 from .topology import Topology
 from .workers import RANDOMNESS, Randomness, SeededBatchSampler, WorkerInitFn
@@ -50,10 +51,17 @@ CONTRACT = {
     "shard_length": "shard length",
     "randomness": "randomness (0 'batch', 1 'sample')",
 }
+_ELASTIC = (
+    "; or pass elastic=True to ddpseed.load_state to continue the epoch from the saved global "
+    "position (every unconsumed sample exactly once; see README, Elastic)"
+)
+# What an elastic resume may change: the world, the per-rank batch and the workers.
+ELASTIC_FREE = frozenset({"batch_size", "num_workers", "num_replicas", "shard_length"})
 _FIXES = {
     "num_workers": "per-batch worker seeds depend on the number of workers, so the resumed "
-    "batches would differ; resume with the saved num_workers",
-    "num_replicas": "resume with the saved number of ranks",
+    "batches would differ; resume with the saved num_workers" + _ELASTIC,
+    "num_replicas": "resume with the saved number of ranks" + _ELASTIC,
+    "batch_size": "resume with the saved batch size" + _ELASTIC,
     "randomness": "its samples would draw from other seeds; resume with the saved mode",
 }
 _ONLY_SOME_RANKS = (
@@ -78,6 +86,7 @@ class SeededDataLoader(DataLoader[Any]):
         checks: Topology | None,
         timeout: float,
         randomness: Randomness = "batch",
+        distributed: bool = True,
         **kwargs: Any,
     ) -> None:
         workers = int(kwargs.get("num_workers", 0))
@@ -109,6 +118,8 @@ class SeededDataLoader(DataLoader[Any]):
             )
         self.name = name
         self.randomness: Randomness = randomness
+        # Sharded over the job's ranks (the shards an elastic resume re-deals), or this rank's.
+        self.distributed = distributed
         self._seeds = seeds
         self._shuffle = shuffle
         # The job whose ranks every iter() checks; None for a loader of this rank alone.
@@ -186,6 +197,7 @@ class SeededDataLoader(DataLoader[Any]):
         if run is not self._latest:
             return
         self._finished, self._resume_at = True, 0
+        self.sampler.set_origin(0)  # type: ignore[attr-defined]  # a new pass is a whole one
         self._passes += 1
         if self._passes == 2 and self._shuffle and not self._warned:
             self._warned = True
@@ -219,18 +231,41 @@ class SeededDataLoader(DataLoader[Any]):
             "epoch": self._epoch,
             "position": self._position,
             "finished": self._finished,
+            "origin": self.sampler.origin,  # type: ignore[attr-defined]
+            "global_position": self.global_position(),
+            "global_batch": (self.batch_size or 1) * self.sampler.num_replicas,  # type: ignore[attr-defined]
+            "distributed": int(self.distributed),
             **self.contract(),
         }
 
+    def global_position(self) -> int:
+        """Where this loader's epoch stands over all ranks: positions ``[0, result)`` of the
+        epoch's global order are consumed (see :mod:`ddpseed.elastic`)."""
+        sampler: Any = self.sampler
+        if self._finished:
+            return len(self.dataset)  # type: ignore[arg-type]
+        return global_position(
+            len(self.dataset),  # type: ignore[arg-type]
+            sampler.num_replicas,
+            sampler.origin,
+            self._position,
+            sampler.drop_last,
+        )
+
     def mismatch(self, state: dict[str, Any]) -> str:
         """Why ``state`` cannot continue this loader ('' if it can); changes nothing."""
-        keys = ("epoch", "position", "finished", *CONTRACT)
+        keys = ("epoch", "position", "finished", "origin", *CONTRACT)
         if not isinstance(state, dict) or any(k not in state for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             return f"loader {self.name!r}: {found} is not a ddpseed loader state"
         now = self.contract()
+        origin = state["origin"]
+        if not (isinstance(origin, int) and 0 <= origin <= now["dataset_length"]):
+            return f"loader {self.name!r}: saved origin {origin!r} is outside the epoch"
+        now["shard_length"] = self.sampler.length_at(origin)  # type: ignore[attr-defined]
+        free = ELASTIC_FREE if state.get("elastic") else frozenset()
         for key, label in CONTRACT.items():
-            if state[key] != now[key]:
+            if key not in free and state[key] != now[key]:
                 fix = _FIXES.get(key, "resume with the same dataset and loader arguments")
                 return (
                     f"loader {self.name!r} was saved with {label} {state[key]} but is now "
@@ -253,6 +288,7 @@ class SeededDataLoader(DataLoader[Any]):
             raise StateError(f"{problem}. Nothing was restored")
         self.set_epoch(int(state["epoch"]))
         self._sync_epoch()
+        self.sampler.set_origin(int(state["origin"]))  # type: ignore[attr-defined]
         self._position, self._finished = int(state["position"]), bool(state["finished"])
         self._resume_at = 0 if self._finished else self._position
         self._passes = int(self._finished)

@@ -237,6 +237,7 @@ class SeedPlan:
             checks=self._topology if distributed and self._collective else None,
             timeout=self.timeout,
             randomness=randomness,
+            distributed=distributed,
             **kwargs,
         )
         saved = self._loaders.pending_for(name, self._epoch)
@@ -365,7 +366,9 @@ class SeedPlan:
                 "world size",
                 state["world_size"],
                 self.world_size,
-                "resume with the saved number of ranks (its shards differ from this one's)",
+                "resume with the saved number of ranks (its shards differ from this one's), or "
+                "pass elastic=True to ddpseed.load_state to continue the epoch on this world "
+                "size (every unconsumed sample exactly once; see README, Elastic)",
             ),
             ("rank", state["rank"], self.rank, "load each rank's own file"),
             ("scheme", state["scheme"], self._scheme, "use the saved scheme"),

@@ -7,6 +7,7 @@ path), TIMEOUT. Actions:
   loader        plan.dataloader(range(DATA_LEN), ...) named "train"
   steps:N       consume N more batches of one iter(loader) (made first if needed)
   save / load   ddpseed.save_state / load_state(STATE)
+  load-elastic  ddpseed.load_state(STATE, elastic=True)
   destroy       dist.destroy_process_group()
   barrier       dist.barrier() (a rank busy elsewhere instead of making ddpseed's call)
   kill-rename   SIGKILL this rank when it renames its state file into place (fsync done)
@@ -76,6 +77,8 @@ try:
             ddpseed.save_state(env["STATE"], plan)
         elif action == "load":
             ddpseed.load_state(env["STATE"], plan)
+        elif action == "load-elastic":
+            ddpseed.load_state(env["STATE"], plan, elastic=True)
         elif action == "destroy":
             dist.destroy_process_group()
         elif action == "barrier":
