@@ -141,3 +141,31 @@ def test_elastic_true_on_the_same_world_and_loader_is_the_exact_resume(tmp_path:
     loader = plan.dataloader(range(50), batch_size=4, num_workers=2, name="train")
     ddpseed.load_state(tmp_path / "rng.pt", plan, elastic=True)
     assert ([b.tolist() for b in loader], random.random(), float(torch.rand(1))) == expected
+
+
+@pytest.mark.parametrize("scalable", [False, True])
+def test_a_chain_of_elastic_and_exact_resumes_still_delivers_every_item_once(
+    tmp_path: Path, scalable: bool
+) -> None:
+    """Batch 4 -> (elastic) batch 6 -> (exact, from the shifted origin) batch 6 -> (elastic)
+    batch 5: the epoch's items are consumed once in all."""
+    seen: list[int] = []
+
+    def resume(batch: int, steps: int | None, elastic: bool) -> None:
+        plan = make_plan()
+        loader = plan.dataloader(range(97), batch_size=batch, scalable=scalable, name="train")
+        if (tmp_path / "rng.commit.json").exists():
+            ddpseed.load_state(tmp_path / "rng.pt", plan, elastic=elastic)
+        batches = iter(loader)
+        for _ in range(steps if steps is not None else 10**6):
+            try:
+                seen.extend(next(batches).tolist())
+            except StopIteration:
+                return
+        ddpseed.save_state(tmp_path / "rng.pt", plan)
+
+    resume(4, 3, elastic=False)
+    resume(6, 2, elastic=True)
+    resume(6, 1, elastic=False)
+    resume(5, None, elastic=True)
+    assert sorted(seen) == list(range(97))
