@@ -20,6 +20,10 @@ What one ``iter()`` does (the rule, in one place):
   empty rest of the epoch; one saved after ``StopIteration`` resumes with a new pass (as
   torchdata's ``StatefulDataLoader`` does).
 
+- After ``load_state(..., elastic=True)`` the interrupted epoch's shards are dealt from the
+  saved global position (the sampler's *origin*, see :mod:`ddpseed.elastic`); a pass that
+  ends, or a new epoch, deals them from 0 again.
+
 In a distributed job every ``iter()`` of a distributed loader is one small collective that
 checks that every rank iterates the same loader at the same epoch and position.
 """
