@@ -21,7 +21,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .collective import exchange, ranks_text
-from .elastic import EpochPoint, resume_seed
+from .elastic import resume_seed
 from .errors import AgreementError, StateError
 from .seeding import capture_rngs, restore_rngs, seed_process
 
@@ -54,7 +54,11 @@ def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world:
     read = exchange(what, (int(exact),), error, plan.topology, plan.timeout)
     raise_failures(read.lines(), what, plan, "nothing was restored")
     if all(v[0] for v in read.values):
-        plan.load_state_dict(states[plan.rank], source=str(state_path(path, plan.rank, save)))
+        # Exact; a loader made after this call with another batch size or num_workers is
+        # still dealt again from its global position (loader.SeededDataLoader._placement).
+        own = states[plan.rank]
+        own["loaders"] = {n: _elastic(s) for n, s in own["loaders"].items()}
+        plan.load_state_dict(own, source=str(state_path(path, plan.rank, save)))
         return
     agreed = _agreed(states, plan, what, save)
     error = None
@@ -134,12 +138,9 @@ def _new_state(
     agreed: dict[str, Any], own: dict[str, Any] | None, plan: SeedPlan, torch_release: str
 ) -> dict[str, Any]:
     """This rank's plan state on the new world (see the module docstring)."""
-    loaders: dict[str, Any] = {}
-    for name, old in agreed["loaders"].items():
-        point = EpochPoint(old["epoch"], old["global_position"], bool(old["finished"]))
-        # The old world's batch size, num_workers and shard length stay for the record; an
-        # elastic state is not compared on them (loader.ELASTIC_FREE).
-        loaders[name] = {**old, "position": 0, "origin": point.origin(), "elastic": True}
+    # Each loader continues from the agreed global position where its shards are another
+    # world's (SeededDataLoader._placement); the old ranks agree on all of it.
+    loaders = {name: _elastic(old) for name, old in agreed["loaders"].items()}
     if own is not None:
         loaders.update({n: s for n, s in own["loaders"].items() if not s.get("distributed")})
     positions = tuple(ld["global_position"] for _, ld in sorted(agreed["loaders"].items()))
@@ -154,6 +155,11 @@ def _new_state(
         "rng": _seeded_rngs(seed, plan.cuda_device),
         "loaders": loaders,
     }
+
+
+def _elastic(loader_state: dict[str, Any]) -> dict[str, Any]:
+    """A distributed loader's state, marked to be dealt again if its shards differ."""
+    return {**loader_state, "elastic": True} if loader_state.get("distributed") else loader_state
 
 
 def _seeded_rngs(seed: int, cuda_device: int | None) -> dict[str, Any]:

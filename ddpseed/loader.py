@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from .collective import call_id, disagreement, exchange
 from .derivation import loader_seed
-from .elastic import global_position
+from .elastic import EpochPoint, global_position
 from .errors import AgreementError, StateError
 from .topology import Topology
 from .workers import RANDOMNESS, Randomness, SeededBatchSampler, WorkerInitFn
@@ -258,15 +258,15 @@ class SeededDataLoader(DataLoader[Any]):
 
     def mismatch(self, state: dict[str, Any]) -> str:
         """Why ``state`` cannot continue this loader ('' if it can); changes nothing."""
-        keys = ("epoch", "position", "finished", "origin", *CONTRACT)
+        keys = ("epoch", "position", "finished", "origin", "global_position", *CONTRACT)
         if not isinstance(state, dict) or any(k not in state for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             return f"loader {self.name!r}: {found} is not a ddpseed loader state"
         now = self.contract()
-        origin = state["origin"]
-        if not (isinstance(origin, int) and 0 <= origin <= now["dataset_length"]):
-            return f"loader {self.name!r}: saved origin {origin!r} is outside the epoch"
-        now["shard_length"] = self.sampler.length_at(origin)  # type: ignore[attr-defined]
+        for key in ("origin", "global_position"):
+            if not (isinstance(state[key], int) and 0 <= state[key] <= now["dataset_length"]):
+                return f"loader {self.name!r}: saved {key} {state[key]!r} is outside the epoch"
+        now["shard_length"] = self.sampler.length_at(state["origin"])  # type: ignore[attr-defined]
         free = ELASTIC_FREE if state.get("elastic") else frozenset()
         for key, label in CONTRACT.items():
             if key not in free and state[key] != now[key]:
@@ -275,14 +275,29 @@ class SeededDataLoader(DataLoader[Any]):
                     f"loader {self.name!r} was saved with {label} {state[key]} but is now "
                     f"{label} {now[key]}; {fix}"
                 )
+        origin, position = self._placement(state)
+        length = self.sampler.length_at(origin)  # type: ignore[attr-defined]
         if not (isinstance(state["epoch"], int) and state["epoch"] >= 0) or not (
-            isinstance(state["position"], int) and 0 <= state["position"] <= now["shard_length"]
+            isinstance(position, int) and 0 <= position <= length
         ):
             return (
                 f"loader {self.name!r}: saved epoch {state['epoch']!r} / position "
-                f"{state['position']!r} is outside this shard of {now['shard_length']}"
+                f"{position!r} is outside this shard of {length}"
             )
         return ""
+
+    def _placement(self, state: dict[str, Any]) -> tuple[int, int]:
+        """(origin, position) this loader continues ``state`` from. A state restored with
+        ``load_state(..., elastic=True)`` whose shards were another world's, batch size or
+        num_workers is dealt again from its global position (position 0 of the new shards);
+        any other state continues where it was."""
+        if state.get("elastic"):
+            now = self.contract()
+            now["shard_length"] = self.sampler.length_at(state["origin"])  # type: ignore[attr-defined]
+            if any(state[key] != now[key] for key in ELASTIC_FREE):
+                point = EpochPoint(state["epoch"], state["global_position"], state["finished"])
+                return point.origin(), 0
+        return state["origin"], state["position"]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` at the next ``iter()``; raises :class:`StateError` (and
@@ -292,8 +307,9 @@ class SeededDataLoader(DataLoader[Any]):
             raise StateError(f"{problem}. Nothing was restored")
         self.set_epoch(int(state["epoch"]))
         self._sync_epoch()
-        self.sampler.set_origin(int(state["origin"]))  # type: ignore[attr-defined]
-        self._position, self._finished = int(state["position"]), bool(state["finished"])
+        origin, position = self._placement(state)
+        self.sampler.set_origin(origin)  # type: ignore[attr-defined]
+        self._position, self._finished = position, bool(state["finished"])
         self._resume_at = 0 if self._finished else self._position
         self._passes = int(self._finished)
         self._latest = None

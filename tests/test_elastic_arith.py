@@ -169,3 +169,22 @@ def test_a_chain_of_elastic_and_exact_resumes_still_delivers_every_item_once(
     resume(6, 1, elastic=False)
     resume(5, None, elastic=True)
     assert sorted(seen) == list(range(97))
+
+
+def test_elastic_load_before_the_loader_is_made_still_deals_a_changed_batch_again(
+    tmp_path: Path,
+) -> None:
+    """Same world, so the exact resume is taken (RNGs restored); the loader made afterwards
+    with another batch size continues from the global position instead of being refused."""
+    plan = make_plan()
+    loader = plan.dataloader(range(50), batch_size=4, name="train")
+    batches = iter(loader)
+    seen = [i for _ in range(3) for i in next(batches).tolist()]
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    after_save = random.random()
+    plan = make_plan()
+    ddpseed.load_state(tmp_path / "rng.pt", plan, elastic=True)
+    assert random.random() == after_save  # the exact resume: RNGs restored
+    loader = plan.dataloader(range(50), batch_size=7, name="train")
+    rest = [i for b in loader for i in b.tolist()]
+    assert sorted(seen + rest) == list(range(50))
