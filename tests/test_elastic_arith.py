@@ -188,3 +188,21 @@ def test_elastic_load_before_the_loader_is_made_still_deals_a_changed_batch_agai
     loader = plan.dataloader(range(50), batch_size=7, name="train")
     rest = [i for b in loader for i in b.tolist()]
     assert sorted(seen + rest) == list(range(50))
+
+
+def test_an_elastic_resume_re_derives_the_main_rngs_from_the_documented_seed(
+    tmp_path: Path,
+) -> None:
+    plan = make_plan()
+    plan.set_epoch(2)
+    loader = plan.dataloader(range(50), batch_size=4, name="train")
+    batches = iter(loader)
+    next(batches), next(batches)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plan = make_plan()
+    loader = plan.dataloader(range(50), batch_size=5, name="train")
+    ddpseed.load_state(tmp_path / "rng.pt", plan, elastic=True)
+    drawn = (random.random(), float(torch.rand(1)))
+    ddpseed.seeding.seed_cpu(resume_seed(5, rank=0, epoch=2, positions=(8,)))
+    assert drawn == (random.random(), float(torch.rand(1)))
+    assert plan.epoch == 2 and loader.state_dict()["global_position"] == 8
