@@ -8,6 +8,7 @@
 from .derivation import (
     SeedTable,
     process_seed,
+    sample_seed,
     seed_table,
     validate_seed,
     worker_info_seed,
@@ -56,6 +57,7 @@ __all__ = [
     "detect",
     "load_state",
     "process_seed",
+    "sample_seed",
     "save_state",
     "seed_table",
     "setup",

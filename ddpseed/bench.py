@@ -182,7 +182,7 @@ def child_main(argv: Sequence[str] | None = None) -> None:
         result = paired_child(int(argv[1]), float(argv[2]))
     elif argv[0] == "loader":
         cost, workers, n, seconds = float(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])
-        result = loaderbench.loader_child(cost, workers, n, seconds)
+        result = loaderbench.loader_child(cost, workers, n, seconds, *argv[5:])
     else:
         result = setup_child(int(argv[1]))
     if result:
@@ -524,14 +524,25 @@ def loader_section(seconds: float, quick: bool) -> list[Result]:
     out(f"   ~{seconds:.0f} s per case; figures: median per-round samples/s ratio to torch")
     out("   [95% CI of the median]; A/A: this run's noise floor")
     out(loaderbench.HEADER)
+    return _loader_rows(loaderbench.CASES, seconds, quick)
+
+
+def _loader_rows(cases: Any, seconds: float, quick: bool, *versus: str) -> list[Result]:
     results = []
-    for name, cost, workers, n in loaderbench.CASES:
+    for name, cost, workers, n in cases:
         n = max(BATCH_FLOOR, n // 20) if quick else n
-        cmd = _child_cmd("loader", cost, workers, n, seconds)
+        cmd = _child_cmd("loader", cost, workers, n, seconds, *versus)
         child = _run_child(cmd, _child_env(), 3 * seconds + CHILD_TIMEOUT)
         results.append(loaderbench.summarize(name, cost, workers, n, child))
         out(loaderbench.row(results[-1]))
     return results
+
+
+def sample_section(seconds: float, quick: bool) -> list[Result]:
+    out()
+    out("== plan.dataloader(randomness='sample') vs randomness='batch', paired in one process ==")
+    out(loaderbench.SAMPLE_HEADER)
+    return _loader_rows(loaderbench.SAMPLE_CASES, seconds, quick, "batch")
 
 
 def target_lines(results: list[Result], warm: Sequence[Result] = ()) -> list[str]:
@@ -881,6 +892,7 @@ def run(args: argparse.Namespace) -> int:
         "samplers": [],
         "paired": [],
         "loader": [],
+        "loader_sample": [],
         "setup": [],
     }
     try:
@@ -897,6 +909,7 @@ def run(args: argparse.Namespace) -> int:
             if seconds is None:
                 seconds = QUICK_LOADER_SECONDS if args.quick else LOADER_SECONDS
             report["loader"] = loader_section(seconds, bool(args.quick))
+            report["loader_sample"] = sample_section(seconds, bool(args.quick))
         if not args.skip_setup and opts.worlds:
             report["setup"] = setup_section(opts.worlds, SETUP_ROUNDS_PER_REPEAT * opts.repeats)
             out()

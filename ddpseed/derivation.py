@@ -262,7 +262,12 @@ def batch_seed(worker_seed_value: int, ordinal: int) -> int:
     """
     if ordinal == 0:
         return worker_seed_value
-    z = (worker_seed_value * _GOLDEN + ordinal * _ORDINAL_WEIGHT + _BATCH_DOMAIN) & _U64
+    return _top32(worker_seed_value * _GOLDEN + ordinal * _ORDINAL_WEIGHT + _BATCH_DOMAIN)
+
+
+def _top32(z: int) -> int:
+    """The top 32 bits of splitmix64's finaliser of ``z`` mod 2**64."""
+    z &= _U64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
     return (z ^ (z >> 31)) >> 32
@@ -295,3 +300,24 @@ def worker_info_seed(base: int, rank: int, epoch: int, worker_id: int) -> int:
 
     gen = torch.Generator().manual_seed(loader_seed(base, rank, epoch))
     return int(torch.empty((), dtype=torch.int64).random_(generator=gen).item()) + worker_id
+
+
+def sample_seed(base: int, epoch: int, index: int) -> int:
+    """The seed of dataset item ``index`` in ``epoch`` under ``randomness="sample"``.
+
+    The top 32 bits of splitmix64's finaliser over a weighted sum of the three, so a sample's
+    augmentation depends on nothing but (base, epoch, index): not the rank, the world size, the
+    batch it lands in or the worker that fetches it. It is a hash, not a bijection: two items
+    of one epoch share a seed with probability 2**-32 per pair (about n**2 / 2**33 pairs in
+    an epoch of n items), which makes their random draws equal, not their data.
+
+    >>> sample_seed(1234, 0, 0) != sample_seed(1234, 0, 1) != sample_seed(1234, 1, 1)
+    True
+    """
+    _check_base(base)
+    _check_nonneg(epoch=epoch, index=index)
+    return _top32(base * _GOLDEN + epoch * _EPOCH_WEIGHT + index * _ORDINAL_WEIGHT + _SAMPLE_DOMAIN)
+
+
+_EPOCH_WEIGHT = 0xF1357AEA2E62A9C5
+_SAMPLE_DOMAIN = 0x6A09E667F3BCC909  # apart from batch seeds, which share the mixer

@@ -20,6 +20,10 @@ What one ``iter()`` does (the rule, in one place):
   empty rest of the epoch; one saved after ``StopIteration`` resumes with a new pass (as
   torchdata's ``StatefulDataLoader`` does).
 
+- After ``load_state(..., elastic=True)`` the interrupted epoch's shards are dealt from the
+  saved global position (the sampler's *origin*, see :mod:`ddpseed.elastic`); a pass that
+  ends, or a new epoch, deals them from 0 again.
+
 In a distributed job every ``iter()`` of a distributed loader is one small collective that
 checks that every rank iterates the same loader at the same epoch and position.
 """
@@ -35,9 +39,10 @@ from torch.utils.data import DataLoader
 
 from .collective import call_id, disagreement, exchange
 from .derivation import loader_seed
+from .elastic import EpochPoint, global_position
 from .errors import AgreementError, StateError
 from .topology import Topology
-from .workers import SeededBatchSampler, WorkerInitFn
+from .workers import RANDOMNESS, Randomness, SeededBatchSampler, WorkerInitFn
 
 # What a loader's state must match to continue it: state key -> how a message names it.
 CONTRACT = {
@@ -48,11 +53,20 @@ CONTRACT = {
     "num_workers": "num_workers",
     "num_replicas": "shards (ranks)",
     "shard_length": "shard length",
+    "randomness": "randomness (0 'batch', 1 'sample')",
 }
+_ELASTIC = (
+    "; or pass elastic=True to ddpseed.load_state to continue the epoch from the saved global "
+    "position (every unconsumed sample exactly once; see README, Elastic)"
+)
+# What an elastic resume may change: the world, the per-rank batch and the workers.
+ELASTIC_FREE = frozenset({"batch_size", "num_workers", "num_replicas", "shard_length"})
 _FIXES = {
     "num_workers": "per-batch worker seeds depend on the number of workers, so the resumed "
-    "batches would differ; resume with the saved num_workers",
-    "num_replicas": "resume with the saved number of ranks",
+    "batches would differ; resume with the saved num_workers" + _ELASTIC,
+    "num_replicas": "resume with the saved number of ranks" + _ELASTIC,
+    "batch_size": "resume with the saved batch size" + _ELASTIC,
+    "randomness": "its samples would draw from other seeds; resume with the saved mode",
 }
 _ONLY_SOME_RANKS = (
     "A loader that only some ranks iterate on purpose (evaluation on rank 0) needs "
@@ -75,13 +89,18 @@ class SeededDataLoader(DataLoader[Any]):
         name: str,
         checks: Topology | None,
         timeout: float,
+        randomness: Randomness = "batch",
+        distributed: bool = True,
         **kwargs: Any,
     ) -> None:
         workers = int(kwargs.get("num_workers", 0))
-        if batch_size is None and workers:
+        if randomness not in RANDOMNESS:
+            raise ValueError(f"randomness={randomness!r}: choose one of {RANDOMNESS}")
+        if batch_size is None and (workers or randomness == "sample"):
             raise TypeError(
-                "plan.dataloader(batch_size=None, num_workers>0) cannot reseed workers per "
-                "batch, so it could not resume exactly; give a batch_size, or num_workers=0"
+                f"plan.dataloader(batch_size=None, num_workers={workers}, randomness="
+                f"{randomness!r}) has no batch to carry the seeds, so it could not resume "
+                "exactly; give a batch_size, or num_workers=0 and randomness='batch'"
             )
         super().__init__(
             dataset,
@@ -99,9 +118,12 @@ class SeededDataLoader(DataLoader[Any]):
             object.__setattr__(
                 self,
                 "batch_sampler",
-                SeededBatchSampler(sampler, batch_size, drop_last, seeds, workers),
+                SeededBatchSampler(sampler, batch_size, drop_last, seeds, workers, randomness),
             )
         self.name = name
+        self.randomness: Randomness = randomness
+        # Sharded over the job's ranks (the shards an elastic resume re-deals), or this rank's.
+        self.distributed = distributed
         self._seeds = seeds
         self._shuffle = shuffle
         # The job whose ranks every iter() checks; None for a loader of this rank alone.
@@ -180,6 +202,7 @@ class SeededDataLoader(DataLoader[Any]):
         if run.number != self._latest:
             return
         self._finished, self._resume_at = True, 0
+        self.sampler.set_origin(0)  # type: ignore[attr-defined]  # a new pass is a whole one
         self._passes += 1
         if self._passes == 2 and self._shuffle and not self._warned:
             self._warned = True
@@ -202,6 +225,7 @@ class SeededDataLoader(DataLoader[Any]):
             "num_workers": self.num_workers,
             "num_replicas": int(self.sampler.num_replicas),  # type: ignore[attr-defined]
             "shard_length": len(self.sampler),  # type: ignore[arg-type]
+            "randomness": RANDOMNESS.index(self.randomness),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -212,31 +236,69 @@ class SeededDataLoader(DataLoader[Any]):
             "epoch": self._epoch,
             "position": self._position,
             "finished": self._finished,
+            "origin": self.sampler.origin,  # type: ignore[attr-defined]
+            "global_position": self.global_position(),
+            "global_batch": (self.batch_size or 1) * self.sampler.num_replicas,  # type: ignore[attr-defined]
+            "distributed": int(self.distributed),
             **self.contract(),
         }
 
+    def global_position(self) -> int:
+        """Where this loader's epoch stands over all ranks: positions ``[0, result)`` of the
+        epoch's global order are consumed (see :mod:`ddpseed.elastic`)."""
+        sampler: Any = self.sampler
+        if self._finished:
+            return len(self.dataset)  # type: ignore[arg-type]
+        return global_position(
+            len(self.dataset),  # type: ignore[arg-type]
+            sampler.num_replicas,
+            sampler.origin,
+            self._position,
+            sampler.drop_last,
+        )
+
     def mismatch(self, state: dict[str, Any]) -> str:
         """Why ``state`` cannot continue this loader ('' if it can); changes nothing."""
-        keys = ("epoch", "position", "finished", *CONTRACT)
+        keys = ("epoch", "position", "finished", "origin", "global_position", *CONTRACT)
         if not isinstance(state, dict) or any(k not in state for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             return f"loader {self.name!r}: {found} is not a ddpseed loader state"
         now = self.contract()
+        for key in ("origin", "global_position"):
+            if not (isinstance(state[key], int) and 0 <= state[key] <= now["dataset_length"]):
+                return f"loader {self.name!r}: saved {key} {state[key]!r} is outside the epoch"
+        now["shard_length"] = self.sampler.length_at(state["origin"])  # type: ignore[attr-defined]
+        free = ELASTIC_FREE if state.get("elastic") else frozenset()
         for key, label in CONTRACT.items():
-            if state[key] != now[key]:
+            if key not in free and state[key] != now[key]:
                 fix = _FIXES.get(key, "resume with the same dataset and loader arguments")
                 return (
                     f"loader {self.name!r} was saved with {label} {state[key]} but is now "
                     f"{label} {now[key]}; {fix}"
                 )
+        origin, position = self._placement(state)
+        length = self.sampler.length_at(origin)  # type: ignore[attr-defined]
         if not (isinstance(state["epoch"], int) and state["epoch"] >= 0) or not (
-            isinstance(state["position"], int) and 0 <= state["position"] <= now["shard_length"]
+            isinstance(position, int) and 0 <= position <= length
         ):
             return (
                 f"loader {self.name!r}: saved epoch {state['epoch']!r} / position "
-                f"{state['position']!r} is outside this shard of {now['shard_length']}"
+                f"{position!r} is outside this shard of {length}"
             )
         return ""
+
+    def _placement(self, state: dict[str, Any]) -> tuple[int, int]:
+        """(origin, position) this loader continues ``state`` from. A state restored with
+        ``load_state(..., elastic=True)`` whose shards were another world's, batch size or
+        num_workers is dealt again from its global position (position 0 of the new shards);
+        any other state continues where it was."""
+        if state.get("elastic"):
+            now = self.contract()
+            now["shard_length"] = self.sampler.length_at(state["origin"])  # type: ignore[attr-defined]
+            if any(state[key] != now[key] for key in ELASTIC_FREE):
+                point = EpochPoint(state["epoch"], state["global_position"], state["finished"])
+                return point.origin(), 0
+        return state["origin"], state["position"]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` at the next ``iter()``; raises :class:`StateError` (and
@@ -246,7 +308,9 @@ class SeededDataLoader(DataLoader[Any]):
             raise StateError(f"{problem}. Nothing was restored")
         self.set_epoch(int(state["epoch"]))
         self._sync_epoch()
-        self._position, self._finished = int(state["position"]), bool(state["finished"])
+        origin, position = self._placement(state)
+        self.sampler.set_origin(origin)  # type: ignore[attr-defined]
+        self._position, self._finished = position, bool(state["finished"])
         self._resume_at = 0 if self._finished else self._position
         self._passes = int(self._finished)
         self._latest += 1
@@ -254,7 +318,8 @@ class SeededDataLoader(DataLoader[Any]):
     def __repr__(self) -> str:
         return (
             f"SeededDataLoader(name={self.name!r}, epoch={self.epoch}, position={self._position}"
-            f", batch_size={self.batch_size}, num_workers={self.num_workers})"
+            f", batch_size={self.batch_size}, num_workers={self.num_workers}, "
+            f"randomness={self.randomness!r})"
         )
 
 

@@ -7,6 +7,10 @@ seeding and an exact position. Both arms iterate one full epoch per pass of the 
 together with a second torch arm (the A/A control, this run's noise floor). Two datasets: a cheap
 one (8 floats drawn from torch, NumPy and ``random``, as an augmentation would) and one that also
 spends ~1 ms of CPU per item.
+
+A second table prices ``randomness="sample"`` (three RNGs seeded before every item, the main
+process's streams saved and put back per batch with ``num_workers=0``) against the default
+``randomness="batch"``: both arms are ``plan.dataloader``, on the ~1 ms dataset.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ CASES = (
     ("1 ms", 1.0, 0, 300),
     ("1 ms", 1.0, 2, 600),
 )
+
+
+# The sample-keyed cases: (dataset, cost, workers, samples per pass), as in CASES.
+SAMPLE_CASES = (("1 ms", 1.0, 0, 300), ("1 ms", 1.0, 2, 600))
 
 
 class Items(Dataset[torch.Tensor]):
@@ -66,11 +74,17 @@ def _torch_arm(ds: Items, workers: int) -> Any:
     return make
 
 
-def _seeded_arm(ds: Items, workers: int) -> Any:
+def _seeded_arm(ds: Items, workers: int, randomness: str = "batch") -> Any:
     import ddpseed
 
     plan = ddpseed.setup(seed=SEED)
-    loader = plan.dataloader(ds, batch_size=BATCH, num_workers=workers, shuffle=True)
+    loader = plan.dataloader(
+        ds,
+        batch_size=BATCH,
+        num_workers=workers,
+        shuffle=True,
+        randomness=randomness,  # type: ignore[arg-type]
+    )
     epochs = iter(range(10**9))
 
     def make() -> Any:
@@ -80,14 +94,17 @@ def _seeded_arm(ds: Items, workers: int) -> Any:
     return make
 
 
-def loader_child(cost_ms: float, workers: int, n: int, seconds: float) -> dict[str, Any]:
-    """The three arms alternated in this process for ``seconds``; pass times per arm."""
+def loader_child(
+    cost_ms: float, workers: int, n: int, seconds: float, versus: str = "torch"
+) -> dict[str, Any]:
+    """The three arms alternated in this process for ``seconds``; pass times per arm.
+
+    ``versus="batch"``: the baseline arms are ``plan.dataloader(randomness="batch")`` and the
+    measured one ``randomness="sample"`` (the "torch" keys then name that baseline)."""
     ds = Items(n, cost_ms)
-    makers = {
-        "torch": _torch_arm(ds, workers),
-        "seeded": _seeded_arm(ds, workers),
-        "torch_again": _torch_arm(ds, workers),
-    }
+    base = _seeded_arm if versus == "batch" else _torch_arm
+    measured = _seeded_arm(ds, workers, "sample" if versus == "batch" else "batch")
+    makers = {"torch": base(ds, workers), "seeded": measured, "torch_again": base(ds, workers)}
     return paired.run_rounds(makers, seconds)
 
 
@@ -123,6 +140,12 @@ def ratio_text(ratio: dict[str, Any]) -> str:
 HEADER = (
     f"{'dataset':<9}{'workers':>8}{'N':>8}{'rounds':>8}{'torch samples/s':>17}  "
     f"{'plan.dataloader / torch':<26}A/A torch / torch"
+)
+
+
+SAMPLE_HEADER = (
+    f"{'dataset':<9}{'workers':>8}{'N':>8}{'rounds':>8}{'batch samples/s':>17}  "
+    f"{'sample / batch':<26}A/A batch / batch"
 )
 
 

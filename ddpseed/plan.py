@@ -25,7 +25,7 @@ from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
 from .seeding import capture_rngs, restore_rngs
 from .topology import Topology
-from .workers import WorkerInitFn
+from .workers import Randomness, WorkerInitFn
 
 log = logging.getLogger(__name__)
 # The local build suffix (+cpu, +cu124) does not change RNG streams; the release may.
@@ -196,6 +196,7 @@ class SeedPlan:
         scalable: bool = False,
         name: str | None = None,
         distributed: bool = True,
+        randomness: Randomness = "batch",
         **kwargs: Any,
     ) -> SeededDataLoader:
         """A DataLoader over this rank's shard, with seeded workers and an exact position.
@@ -206,7 +207,9 @@ class SeedPlan:
         the same dataset length, batch size, drop_last, shuffle and num_workers.
         ``distributed=False``: a loader over the whole dataset for this rank alone (evaluation
         on rank 0), with no collectives. ``worker_init_fn`` you pass runs after ddpseed's
-        seeding; other keyword arguments go to ``DataLoader``.
+        seeding; other keyword arguments go to ``DataLoader``. ``randomness="sample"`` seeds
+        ``random``, NumPy and torch from ``ddpseed.sample_seed(base, epoch, index)`` before each
+        item is fetched (the default ``"batch"`` reseeds workers per batch).
         """
         for banned in ("sampler", "batch_sampler", "generator"):
             if banned in kwargs:
@@ -233,6 +236,8 @@ class SeedPlan:
             name=name,
             checks=self._topology if distributed and self._collective else None,
             timeout=self.timeout,
+            randomness=randomness,
+            distributed=distributed,
             **kwargs,
         )
         saved = self._loaders.pending_for(name, self._epoch)
@@ -361,7 +366,9 @@ class SeedPlan:
                 "world size",
                 state["world_size"],
                 self.world_size,
-                "resume with the saved number of ranks (its shards differ from this one's)",
+                "resume with the saved number of ranks (its shards differ from this one's), or "
+                "pass elastic=True to ddpseed.load_state to continue the epoch on this world "
+                "size (every unconsumed sample exactly once; see README, Elastic)",
             ),
             ("rank", state["rank"], self.rank, "load each rank's own file"),
             ("scheme", state["scheme"], self._scheme, "use the saved scheme"),

@@ -112,6 +112,10 @@ class ScalableDistributedSampler(ResumableSampler, Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
+    def set_origin(self, origin: int) -> None:
+        super().set_origin(origin)
+        self.num_samples = self.length_at(origin)
+
     def permutation(self) -> FeistelPermutation | None:
         """This epoch's bijection (``None`` when not shuffling or the dataset is empty)."""
         if not self.shuffle or self.num_items == 0:
@@ -131,14 +135,14 @@ class ScalableDistributedSampler(ResumableSampler, Sampler[int]):
         position = operator.index(position)
         if not 0 <= position < self.num_samples:
             raise IndexError(f"position {position} is outside this rank's shard [0, {len(self)})")
-        source = (self.rank + position * self.num_replicas) % self.num_items
+        source = (self.origin + self.rank + position * self.num_replicas) % self.num_items
         perm = self.permutation()
         return source if perm is None else perm.index(source)
 
     def _chunk(self, perm: FeistelPermutation | None, start: int, stop: int) -> list[int]:
         """Dataset indices of shard positions ``[start, stop)``."""
-        first = self.rank + start * self.num_replicas
-        last = self.rank + (stop - 1) * self.num_replicas
+        first = self.origin + self.rank + start * self.num_replicas
+        last = first + (stop - 1 - start) * self.num_replicas
         sources = np.arange(stop - start, dtype=np.uint64)
         sources *= np.uint64(self.num_replicas)
         sources += np.uint64(first)

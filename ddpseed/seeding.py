@@ -46,6 +46,19 @@ def seed_worker_rngs(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def capture_cpu_rngs() -> tuple[Any, Any, torch.Tensor]:
+    """The CPU RNG states as the libraries give them (in memory only, not for a file)."""
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def restore_cpu_rngs(saved: tuple[Any, Any, torch.Tensor]) -> None:
+    """Put back what :func:`capture_cpu_rngs` returned."""
+    python, numpy, torch_state = saved
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(torch_state)
+
+
 def capture_rngs(cuda_device: int | None) -> dict[str, Any]:
     """This process's RNG states: Python, NumPy global, torch CPU and this rank's CUDA device."""
     version, internal, gauss = random.getstate()

@@ -41,7 +41,7 @@ from .files import atomic_write_bytes, atomic_write_json, open_regular
 if TYPE_CHECKING:
     from .plan import SeedPlan
 
-FORMAT = "ddpseed.state/2"
+FORMAT = "ddpseed.state/3"
 COMMIT_FORMAT = "ddpseed.checkpoint/1"
 
 
@@ -104,6 +104,12 @@ def commit_path(path: str | os.PathLike[str]) -> Path:
 
 def read_commit(path: str | os.PathLike[str]) -> int | None:
     """The number of the last complete save of ``path``, or None if there is none."""
+    found = read_commit_record(path)
+    return None if found is None else found[0]
+
+
+def read_commit_record(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(save number, world size that wrote it) of the last complete save, or None."""
     record = commit_path(path)
     try:
         with open_regular(record, "commit record") as fh:
@@ -114,16 +120,18 @@ def read_commit(path: str | os.PathLike[str]) -> int | None:
         raise StateError(f"cannot read commit record {record}: {exc}") from exc
     try:
         data = json.loads(text)
-        save = data["save"]
+        save, world = data["save"], data["world_size"]
         if data.get("format") != COMMIT_FORMAT or not isinstance(save, int) or save < 1:
             raise ValueError(f"format {data.get('format')!r}, save {save!r}")
+        if not isinstance(world, int) or world < 1:
+            raise ValueError(f"world_size {world!r}")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise StateError(
             f"commit record {record} is corrupted ({type(exc).__name__}: {first_line(exc)}); "
             'restore it from a backup, or write {"format": "' + COMMIT_FORMAT + '", '
-            '"save": N} naming the last save whose rank files are all present'
+            '"save": N, "world_size": W} naming the last save whose W rank files are all present'
         ) from None
-    return save
+    return save, world
 
 
 def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
@@ -142,7 +150,7 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
     except StateError as exc:
         error = str(exc)
     begun = exchange(what, (number,), error, plan.topology, plan.timeout)
-    _raise_failures(begun.lines(), what, plan, "nothing was written")
+    raise_failures(begun.lines(), what, plan, "nothing was written")
     number = begun.values[0][0]
     target = state_path(path, plan.rank, number)
     error = None
@@ -154,7 +162,7 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
     except StateError as exc:
         error = str(exc)
     written = exchange(what + " (write)", (), error, plan.topology, plan.timeout)
-    _raise_failures(written.lines(), what, plan, _previous(number))
+    raise_failures(written.lines(), what, plan, _previous(number))
     error = None
     if plan.rank == 0:
         try:
@@ -172,7 +180,7 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
         except StateError as exc:
             error = str(exc)
     committed = exchange(what + " (commit)", (), error, plan.topology, plan.timeout)
-    _raise_failures(committed.lines(), what, plan, _previous(number))
+    raise_failures(committed.lines(), what, plan, _previous(number))
     _remove_other_saves(path, plan.rank, keep=number)
     return target
 
@@ -183,7 +191,8 @@ def _previous(number: int) -> str:
     return f"the previous complete checkpoint (save {number - 1}) is intact and still loads"
 
 
-def _raise_failures(lines: list[str], what: str, plan: SeedPlan, outcome: str) -> None:
+def raise_failures(lines: list[str], what: str, plan: SeedPlan, outcome: str) -> None:
+    """Raise :class:`StateError` on every rank if any rank reported a failure."""
     if lines:
         raise StateError(
             f"{what} failed on {len(lines)} of {plan.world_size} ranks; {outcome}:\n"
@@ -254,30 +263,48 @@ def _position_key(state: dict[str, Any]) -> int:
     return call_id(json.dumps([state.get("epoch"), where], default=str))
 
 
-def load_state(path: str | os.PathLike[str], plan: SeedPlan) -> None:
+def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = False) -> None:
     """Restore this rank's RNGs, epoch and loader positions from the last complete save.
 
     Collective in a distributed job. Every rank verifies its file first; only if all are
     sound, from the same save and at the same epoch and positions does any rank restore, so
     one bad file stops the whole job with the same error instead of half a resume.
+
+    ``elastic=True`` also accepts a save written by another number of ranks, num_workers or
+    batch size: the interrupted epoch continues from the global position the old ranks
+    reached, every unconsumed sample exactly once (see :mod:`ddpseed.elastic_load`).
     """
     what = f"load_state({os.fspath(path)!r})"
-    number, error = 0, None
+    number, world, error = 0, 0, None
     if plan.rank == 0:
         try:
-            found = read_commit(path)
+            found = read_commit_record(path)
             if found is None:
                 raise StateError(
                     f"no checkpoint at {os.fspath(path)}: its commit record "
                     f"{commit_path(path)} does not exist (no save_state to that path completed "
                     "on every rank); pass the path given to save_state, or start fresh"
                 )
-            number = found
+            number, world = found
         except StateError as exc:
             error = str(exc)
-    begun = exchange(what, (number,), error, plan.topology, plan.timeout)
-    _raise_failures(begun.lines(), what, plan, "nothing was restored")
-    number = begun.values[0][0]
+    begun = exchange(what, (number, world), error, plan.topology, plan.timeout)
+    raise_failures(begun.lines(), what, plan, "nothing was restored")
+    number, world = begun.values[0]
+    if elastic:
+        from .elastic_load import load_elastic  # it reads files with this module's functions
+
+        load_elastic(path, plan, number, world)
+        return
+    if world != plan.world_size:
+        raise StateError(
+            f"rank {plan.rank}: {what}: save {number} was written by {world} ranks but this job "
+            f"has {plan.world_size}; its shards differ from this job's, so nothing was "
+            "restored. Resume with the saved number of ranks, or pass elastic=True to "
+            "ddpseed.load_state to continue the interrupted epoch from the global position the "
+            "old ranks reached (every unconsumed sample exactly once, RNGs re-derived; see "
+            "README, Elastic)"
+        )
     state: dict[str, Any] = {}
     error = None
     try:
@@ -288,7 +315,7 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan) -> None:
     checked = exchange(
         what + " (check)", (_position_key(state),), error, plan.topology, plan.timeout
     )
-    _raise_failures(checked.lines(), what, plan, "nothing was restored")
+    raise_failures(checked.lines(), what, plan, "nothing was restored")
     if disagreement(checked, ["epoch and loader positions"]):
         shown = "\n".join(
             f"  rank {r}: epoch {s}" for r, s in enumerate(_gather_positions(state, plan, what))

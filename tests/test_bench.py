@@ -97,6 +97,13 @@ def test_quick_run_prints_the_table_with_ratios(
         assert lo <= r["seeded"]["median"] <= hi
         assert re.search(rf"^{r['dataset']}\s+{r['workers']}\s+\d+\s+\d+\s+[\d,]+\s+"
                          rf"{interval}\s+{interval}$", text, re.M)  # fmt: skip
+    # randomness="sample" against "batch", both plan.dataloader, on the ~1 ms dataset
+    assert "randomness='sample') vs randomness='batch'" in text
+    sample_cases = [(r["dataset"], r["workers"]) for r in data["loader_sample"]]
+    assert sample_cases == [("1 ms", 0), ("1 ms", 2)]
+    for r in data["loader_sample"]:
+        lo, hi = r["seeded"]["ci"]
+        assert r["rounds"] >= paired.MIN_ROUNDS and lo <= r["seeded"]["median"] <= hi
 
 
 def fake_measurement(kind: str, n: int, repeats: int) -> dict[str, Any]:

@@ -81,6 +81,11 @@ def positions(results: list[RankResult]) -> list[tuple[int, int]]:
         ("DROP_LAST", ("0", "1"), "drop_last: 0 on ranks 0; 1 on ranks 1"),
         ("SHUFFLE", ("1", "0"), "shuffle: 1 on ranks 0; 0 on ranks 1"),
         ("WORKERS", ("4", "2"), "num_workers: 4 on ranks 0; 2 on ranks 1"),
+        (
+            "RANDOMNESS",
+            ("batch", "sample"),
+            "randomness (0 'batch', 1 'sample'): 0 on ranks 0; 1 on ranks 1",
+        ),
     ],
 )
 def test_loader_arguments_that_differ_between_ranks_stop_every_rank(

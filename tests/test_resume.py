@@ -120,7 +120,7 @@ def test_state_file_loads_with_weights_only_and_no_allowlist(tmp_path: Path) -> 
     path = ddpseed.save_state(tmp_path / "rng.pt", plan)
     assert path.name == "rng.rank0.1.pt"
     payload = torch.load(path, weights_only=True)
-    assert payload["format"] == "ddpseed.state/2" and payload["state"]["base_seed"] == 5
+    assert payload["format"] == "ddpseed.state/3" and payload["state"]["base_seed"] == 5
     assert payload["save"] == 1
     expected = (random.random(), float(np.random.random()), float(torch.rand(1)))
     ddpseed.load_state(tmp_path / "rng.pt", plan)

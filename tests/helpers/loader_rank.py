@@ -1,12 +1,13 @@
 """One rank of a loader/checkpoint job: ACTIONS (comma-separated) say what it does, in order.
 
 Settings come from the environment (per rank where a test gives ranks different values):
-DATA_LEN, BATCH, WORKERS, SHUFFLE, DROP_LAST, EPOCH, SCHEME, DETERMINISTIC, STATE (checkpoint
-path), TIMEOUT. Actions:
+DATA_LEN, BATCH, WORKERS, SHUFFLE, DROP_LAST, RANDOMNESS, EPOCH, SCHEME, DETERMINISTIC, STATE
+(checkpoint path), TIMEOUT. Actions:
 
   loader        plan.dataloader(range(DATA_LEN), ...) named "train"
   steps:N       consume N more batches of one iter(loader) (made first if needed)
   save / load   ddpseed.save_state / load_state(STATE)
+  load-elastic  ddpseed.load_state(STATE, elastic=True)
   destroy       dist.destroy_process_group()
   barrier       dist.barrier() (a rank busy elsewhere instead of making ddpseed's call)
   kill-rename   SIGKILL this rank when it renames its state file into place (fsync done)
@@ -42,6 +43,7 @@ def make_loader(plan: ddpseed.SeedPlan) -> Any:
         num_workers=int(env.get("WORKERS", "0")),
         shuffle=env.get("SHUFFLE", "1") == "1",
         drop_last=env.get("DROP_LAST", "0") == "1",
+        randomness=env.get("RANDOMNESS", "batch"),  # type: ignore[arg-type]
         name="train",
     )
 
@@ -76,6 +78,8 @@ try:
             ddpseed.save_state(env["STATE"], plan)
         elif action == "load":
             ddpseed.load_state(env["STATE"], plan)
+        elif action == "load-elastic":
+            ddpseed.load_state(env["STATE"], plan, elastic=True)
         elif action == "destroy":
             dist.destroy_process_group()
         elif action == "barrier":
