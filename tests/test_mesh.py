@@ -1,0 +1,171 @@
+"""Mesh seeding rules, in one process: data coordinate, random-stream policy, collision-freedom.
+
+The multi-process proofs (torchrun, init_device_mesh on gloo) are in test_mesh_ranks.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from ddpseed.errors import ArgumentError
+from ddpseed.mesh import MAX_RANKS, MeshSpec, parse_mesh
+
+
+def every_rank(names: tuple[str, ...], shape: tuple[int, ...], **kw: object) -> list[MeshSpec]:
+    return [
+        MeshSpec.build(names, shape, coord, **kw)  # type: ignore[arg-type]
+        for coord in itertools.product(*(range(s) for s in shape))
+    ]
+
+
+def test_data_coordinate_follows_the_data_dims_only() -> None:
+    specs = every_rank(("pp", "dp", "tp"), (2, 2, 2))
+    assert [(s.data_rank, s.data_world_size) for s in specs] == [
+        (c[1], 2) for c in itertools.product(range(2), range(2), range(2))
+    ]
+    hsdp = MeshSpec.build(("dp_replicate", "dp_shard", "cp", "tp"), (2, 3, 2, 2), (1, 2, 0, 1))
+    assert hsdp.data_dims == ("dp_replicate", "dp_shard")
+    assert (hsdp.data_rank, hsdp.data_world_size) == (1 * 3 + 2, 6)
+    assert MeshSpec.build(("fsdp", "tp"), (4, 2), (3, 0)).data_dims == ("fsdp",)
+
+
+def test_default_policy_shares_tp_and_cp_and_separates_pp_ep_and_data() -> None:
+    spec = MeshSpec.build(("pp", "dp", "ep", "cp", "tp"), (2, 2, 2, 2, 2), (0,) * 5)
+    assert spec.distinct_dims == ("pp", "dp", "ep")
+    seeds = {s.coordinate: s.seed(7) for s in every_rank(spec.names, spec.shape)}
+    for coord, seed in seeds.items():
+        tp_peer = (*coord[:4], 1 - coord[4])
+        cp_peer = (*coord[:3], 1 - coord[3], coord[4])
+        assert seeds[tp_peer] == seed and seeds[cp_peer] == seed
+        for axis in (0, 1, 2):  # pp, dp, ep peers
+            peer = tuple(1 - c if i == axis else c for i, c in enumerate(coord))
+            assert seeds[peer] != seed
+    assert len(set(seeds.values())) == 8
+
+
+def test_distinct_dims_overrides_the_policy_and_data_dims_may_be_empty() -> None:
+    specs = every_rank(("dp", "tp"), (2, 2), distinct_dims=("tp",))
+    assert {s.coordinate: s.seed(1) for s in specs}[(0, 0)] == specs[2].seed(1)  # dp peers
+    assert specs[0].seed(1) != specs[1].seed(1)  # tp peers
+    whole = MeshSpec.build(("tp",), (4,), (3,), data_dims=())
+    assert (whole.data_rank, whole.data_world_size, whole.distinct_dims) == (0, 1, ())
+    assert MeshSpec.build(("dp", "tp"), (2, 2), (1, 0), data_dims="dp").data_rank == 1
+
+
+@pytest.mark.parametrize(
+    ("names", "kw", "message"),
+    [
+        (("pp", "tp"), {}, r"no data-parallel dimension .*data_dims=\(\)"),
+        (("dp", "foo"), {}, r"foo is neither a data dimension .*pass distinct_dims="),
+        (("dp", "tp"), {"data_dims": ("dq",)}, r"data_dims=\('dq',\) names 'dq', not a dim"),
+        (("dp", "tp"), {"distinct_dims": ("dp", "dp")}, r"names a dimension twice"),
+        (("dp", "tp"), {"data_dims": (3,)}, r"must be strings"),
+    ],
+)
+def test_mesh_arguments_that_cannot_be_right_are_refused_with_the_fix(
+    names: tuple[str, ...], kw: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ArgumentError, match=message):
+        MeshSpec.build(names, (2, 2), (0, 0), **kw)  # type: ignore[arg-type]
+
+
+def test_unknown_dims_are_fine_once_classified() -> None:
+    spec = MeshSpec.build(("dp", "foo"), (2, 2), (1, 1), distinct_dims=("dp",))
+    assert spec.distinct_dims == ("dp",)
+
+
+def test_too_many_ranks_is_refused() -> None:
+    with pytest.raises(ArgumentError, match="collision-free up to"):
+        MeshSpec.build(("dp", "tp"), (MAX_RANKS, 2), (0, 0))
+
+
+def test_fork_stream_differs_from_every_process_stream() -> None:
+    spec = MeshSpec.build(("pp", "dp", "tp"), (2, 2, 2), (0, 0, 0))
+    dims = spec.fork_dims(["tp"])
+    assert dims == ("pp", "dp", "tp")
+    process = spec.grid(3).ravel().tolist()
+    forked = spec.grid(3, dims, fork=True).ravel().tolist()
+    assert len(set(forked)) == 8 and not set(forked) & set(process)
+    # Even a fork distinct along exactly the policy's dims is its own stream.
+    same = spec.grid(3, spec.distinct_dims, fork=True).ravel().tolist()
+    assert not set(same) & set(process)
+    assert spec.fork_dims(exact=["pp"]) == ("pp",)
+    with pytest.raises(ArgumentError, match="'xp' is not a dimension"):
+        spec.fork_dims(["xp"])
+
+
+def test_additive_offsets_alias_where_mesh_seeds_do_not() -> None:
+    """Megatron's ``seed + 100*pp + 10*dp`` gives (pp 0, dp 10) and (pp 1, dp 0) one seed."""
+    assert 100 * 0 + 10 * 10 == 100 * 1 + 10 * 0
+    spec = MeshSpec.build(("pp", "dp"), (2, 16), (0, 0))
+    grid = spec.grid(1234)
+    assert grid[0, 10] != grid[1, 0]
+    assert distinct_count(grid) == 32
+
+
+def distinct_count(seeds: np.ndarray) -> int:  # type: ignore[type-arg]
+    # Sort-and-compare: np.unique hashes uint64 in numpy 2.x, 15x slower at 2**20 values.
+    ordered = np.sort(seeds, axis=None)
+    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
+
+
+NAMES = ("pp", "dp", "dp_shard", "ep", "cp", "tp", "x1", "x2", "x3", "x4")
+
+
+@st.composite
+def meshes(draw: st.DrawFn) -> tuple[MeshSpec, int, tuple[str, ...]]:
+    ndims = draw(st.integers(1, 10))
+    names = tuple(draw(st.permutations(NAMES))[:ndims])
+    budget = 20  # log2 of the largest mesh
+    shape = []
+    for _ in names:
+        bits = draw(st.integers(0, budget))
+        size = draw(st.integers(max(1, 2 ** (bits - 1)), 2**bits))
+        budget -= max(0, math.ceil(math.log2(size)))
+        shape.append(size)
+    distinct = tuple(n for n in names if draw(st.booleans()))
+    extra = tuple(n for n in names if draw(st.booleans()))
+    coord = tuple(draw(st.integers(0, s - 1)) for s in shape)
+    spec = MeshSpec.build(names, shape, coord, data_dims=(), distinct_dims=distinct)
+    return spec, draw(st.integers(0, 2**32 - 1)), extra
+
+
+FULL = ("pp", "dp", "ep", "tp")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(meshes())
+@example((MeshSpec.build(FULL, (4, 64, 8, 512), (3, 63, 7, 511), distinct_dims=FULL), 0, ()))
+@example((MeshSpec.build(FULL, (16, 4096, 4, 4), (1, 2, 3, 0)), 2**32 - 1, ("tp",)))
+def test_mesh_seeds_never_collide_up_to_2_pow_20_ranks(
+    case: tuple[MeshSpec, int, tuple[str, ...]],
+) -> None:
+    """Every rank of the mesh: the process stream takes exactly one seed per coordinate over
+    the distinct dims (peers along the others share it), a fork takes one per coordinate over
+    its own dims, and no seed of one stream appears in the other."""
+    spec, base, extra = case
+    assert spec.world_size <= MAX_RANKS
+    dims = spec.fork_dims(extra)
+    process, forked = spec.grid(base), spec.grid(base, dims, fork=True)
+    count = math.prod(spec.shape[p] for p in spec.positions(spec.distinct_dims))
+    assert distinct_count(process) == count
+    assert distinct_count(forked) == math.prod(spec.shape[p] for p in spec.positions(dims))
+    both = np.concatenate([process.ravel(), forked.ravel()])
+    assert distinct_count(both) == distinct_count(process) + distinct_count(forked)
+    # The vectorised table is the scalar rule: this rank's seeds sit at its coordinate.
+    assert int(process[spec.coordinate]) == spec.seed(base)
+    assert int(forked[spec.coordinate]) == spec.seed(base, dims, fork=True)
+    assert int(process.max()) < 2**32
+
+
+def test_parse_mesh() -> None:
+    assert parse_mesh("dp=2,tp=2") == (("dp", "tp"), (2, 2))
+    for bad in ("dp", "dp=0", "dp=x", ","):
+        with pytest.raises(ArgumentError, match=r"NAME=SIZE|names no dimension"):
+            parse_mesh(bad)
