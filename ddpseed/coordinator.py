@@ -76,6 +76,8 @@ class Proposal:
     explicit_dir: bool = False  # run_dir= or DDPSEED_RUN_DIR, not derived from a job id
     scheme: int = 0  # index into derivation.SCHEMES
     deterministic: bool = False
+    mesh: int = 0  # MeshSpec.agreement_id() of this rank's mesh settings, 0 for no mesh
+    mesh_error: bool = False  # the error is about the mesh settings, not the seed
     error: str | None = None  # this rank's validation error, shown on every rank
 
     def values(self) -> tuple[int, ...]:
@@ -99,6 +101,8 @@ class Proposal:
             explicit_dir=bool(raw["explicit_dir"]),
             scheme=raw["scheme"],
             deterministic=bool(raw["deterministic"]),
+            mesh=raw["mesh"],
+            mesh_error=bool(raw["mesh_error"]),
             error=error,
         )
 
@@ -144,6 +148,11 @@ def decide(records: Sequence[Proposal]) -> Agreement:
     errors = [(rank, r.error) for rank, r in enumerate(records) if r.error]
     if errors:
         lines = "\n".join(f"  rank {rank}: {strip_rank(msg, rank)}" for rank, msg in errors)
+        if all(records[rank].mesh_error for rank, _ in errors):
+            raise ArgumentError(
+                f"invalid mesh settings on {len(errors)} of {world_size} ranks; no rank was "
+                f"seeded:\n{lines}"
+            )
         raise SeedValueError(
             f"invalid seed on {len(errors)} of {world_size} ranks; no rank was seeded:\n{lines}"
         )
@@ -191,8 +200,14 @@ def decide(records: Sequence[Proposal]) -> Agreement:
     return Agreement(seed, src, record, other)
 
 
-def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
-    """Exchange every rank's record and return the common verdict (raises on every rank)."""
+def agree(
+    proposal: Proposal, topo: Topology, timeout: float, mesh_text: str = "no mesh"
+) -> Agreement:
+    """Exchange every rank's record and return the common verdict (raises on every rank).
+
+    ``mesh_text`` describes this rank's mesh settings; it travels only when the ranks' mesh
+    ids differ, so that the error can show every rank's settings.
+    """
     hint = (
         "A rank that crashed or was killed before ddpseed.setup stops the whole job."
         + loopback_hint(topo)
@@ -205,12 +220,27 @@ def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
         timeout,
         hint=hint,
     )
-    return decide(
-        [
-            Proposal.from_values(values, reports.messages.get(rank))
-            for rank, values in enumerate(reports.values)
-        ]
-    )
+    records = [
+        Proposal.from_values(values, reports.messages.get(rank))
+        for rank, values in enumerate(reports.values)
+    ]
+    agreement = decide(records)
+    if len({r.mesh for r in records}) > 1:  # every rank sees the same records: all come here
+        texts = exchange("mesh settings (ddpseed.setup)", (), mesh_text, topo, timeout)
+        raise SeedMismatchError(
+            "ranks were given different mesh settings; no rank was seeded:\n"
+            + "\n".join(f"  {line}" for line in _grouped(texts.messages, topo.world_size))
+            + "\nfix: pass the same world mesh (init_device_mesh with the same shape and "
+            "names), data_dims= and distinct_dims= to setup() on every rank"
+        )
+    return agreement
+
+
+def _grouped(messages: dict[int, str], world_size: int) -> list[str]:
+    by_text: dict[str, list[int]] = {}
+    for rank in range(world_size):
+        by_text.setdefault(messages.get(rank, "?"), []).append(rank)
+    return [f"ranks {ranks_text(rs)}: {text}" for text, rs in by_text.items()]
 
 
 def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -> list[str]:

@@ -277,3 +277,34 @@ def parse_mesh(text: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     if not names:
         raise ArgumentError(f"mesh {text!r} names no dimension (e.g. dp=2,tp=2)")
     return tuple(names), tuple(sizes)
+
+
+def spec_of(
+    mesh: Any,
+    rank: int,
+    world_size: int,
+    data_dims: str | Iterable[str] | None = None,
+    distinct_dims: str | Iterable[str] | None = None,
+) -> MeshSpec:
+    """The :class:`MeshSpec` of this rank of a ``torch.distributed.device_mesh.DeviceMesh``.
+
+    Reads the mesh only (its names, shape, rank layout and this rank's coordinate); raises
+    :class:`ArgumentError` when the mesh cannot describe this job.
+    """
+    names = getattr(mesh, "mesh_dim_names", None)
+    if not names:
+        raise ArgumentError(
+            f"mesh={mesh!r} has no dimension names; build it with "
+            "init_device_mesh(device, shape, mesh_dim_names=('dp', 'tp', ...))"
+        )
+    shape = tuple(int(s) for s in mesh.shape)
+    if math.prod(shape) != world_size:
+        raise ArgumentError(
+            f"mesh {_shape_text(names, shape)} has {math.prod(shape)} ranks but the job has "
+            f"{world_size}; pass the world mesh (every rank of the job), not a sub-mesh"
+        )
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        raise ArgumentError(f"rank {rank} is not in mesh {_shape_text(names, shape)}")
+    layout = call_id(",".join(map(str, mesh.mesh.flatten().tolist())))
+    return MeshSpec.build(names, shape, coordinate, data_dims, distinct_dims, layout=layout)

@@ -13,7 +13,9 @@ import math
 import numbers
 import os
 import secrets
+from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -22,6 +24,7 @@ from .coordinator import Proposal, Source, path_id
 from .derivation import SCHEMES, Scheme, validate_seed
 from .errors import ArgumentError, DDPSeedError, StateError, shown
 from .files import atomic_write_json
+from .mesh import MeshSpec, spec_of
 from .plan import DEFAULT_TIMEOUT, SeedPlan
 from .rundir import MANIFEST_FILE, SEED_FILE, Found, RunDir, SeedRecord
 from .seeding import enable_determinism, local_cuda_device, seed_process
@@ -191,6 +194,29 @@ def _check_seconds(name: str, value: object, rank: int) -> None:
     )
 
 
+def _mesh_spec(
+    mesh: Any,
+    data_dims: str | Iterable[str] | None,
+    distinct_dims: str | Iterable[str] | None,
+    rank: int,
+    world_size: int,
+) -> tuple[MeshSpec | None, str]:
+    """This rank's mesh settings and the error they raise ("" if none), for the agreement."""
+    if mesh is None:
+        given = [
+            n
+            for n, v in (("data_dims", data_dims), ("distinct_dims", distinct_dims))
+            if v is not None
+        ]
+        if given:
+            return None, f"{' and '.join(given)} given without mesh=; pass the world DeviceMesh"
+        return None, ""
+    try:
+        return spec_of(mesh, rank, world_size, data_dims, distinct_dims), ""
+    except DDPSeedError as exc:
+        return None, str(exc)
+
+
 def setup(
     seed: int | str | None = None,
     *,
@@ -200,6 +226,9 @@ def setup(
     run_dir: str | os.PathLike[str] | None = None,
     scheme: Scheme = "default",
     pg_timeout: float | None = None,
+    mesh: Any = None,
+    data_dims: str | Iterable[str] | None = None,
+    distinct_dims: str | Iterable[str] | None = None,
 ) -> SeedPlan:
     """Agree on one base seed across the job and seed this rank; call it on every rank.
 
@@ -209,6 +238,12 @@ def setup(
     seconds. ``pg_timeout`` is the process group's own timeout for the training's collectives,
     in seconds: ``None`` leaves torch's default on a group ddpseed creates, and leaves a group
     the script made as it is.
+
+    ``mesh``: the job's world ``DeviceMesh`` with named dimensions (DP x TP x PP ...). The data
+    shard and worker seeds then follow the rank's coordinate over ``data_dims`` (default: the
+    names starting with "dp", and "fsdp"/"hsdp"), and the process streams are distinct along
+    ``distinct_dims`` (default: pp, ep and the data dims; shared along tp, cp); see
+    :mod:`ddpseed.mesh`. Every rank must pass the same settings.
     """
     topo = detect()
     _check_seconds("timeout", timeout, topo.rank)
@@ -236,6 +271,11 @@ def setup(
         proposal = dataclasses.replace(
             proposal, error=f"scheme={scheme!r} is not one of {SCHEMES}; fix the setup() call"
         )
+    spec, mesh_error = _mesh_spec(mesh, data_dims, distinct_dims, topo.rank, topo.world_size)
+    if spec is not None:
+        proposal = dataclasses.replace(proposal, mesh=spec.agreement_id())
+    if mesh_error and proposal.error is None:
+        proposal = dataclasses.replace(proposal, error=mesh_error, mesh_error=True)
     found: Found | None = None
     record_error = ""
     if topo.rank == 0 and proposal.error is None:
@@ -243,7 +283,9 @@ def setup(
     chosen_dir = (
         found.dir if found is not None else (where.path if where and where.explicit else None)
     )
-    agreement = coordinator.agree(proposal, topo, timeout)
+    agreement = coordinator.agree(
+        proposal, topo, timeout, spec.describe() if spec is not None else "no mesh"
+    )
     if topo.rank in agreement.other_run_dir:
         log.warning(
             "rank %d: run directory %s differs from rank 0's; only rank 0 reads and writes the "
@@ -269,6 +311,7 @@ def setup(
         deterministic=flags,
         run_dir=chosen_dir,
         timeout=timeout,
+        mesh=spec,
     )
     if agreement.record:
         _persist(plan, where, found, record_error, timeout)

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import ddpseed
 from ddpseed.errors import ArgumentError
 from ddpseed.mesh import MAX_RANKS, MeshSpec, parse_mesh
+from ddpseed.seeding import seed_process
+from ddpseed.topology import Topology
 
 
 def every_rank(names: tuple[str, ...], shape: tuple[int, ...], **kw: object) -> list[MeshSpec]:
@@ -169,3 +174,80 @@ def test_parse_mesh() -> None:
     for bad in ("dp", "dp=0", "dp=x", ","):
         with pytest.raises(ArgumentError, match=r"NAME=SIZE|names no dimension"):
             parse_mesh(bad)
+
+
+def mesh_plan(coord: tuple[int, int] = (0, 1), seed: int = 5) -> ddpseed.SeedPlan:
+    """One rank of a (dp=2, tp=2) mesh, without a process group (collective=False)."""
+    topo = Topology("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 29500)
+    spec = MeshSpec.build(("dp", "tp"), (2, 2), coord)
+    plan = ddpseed.SeedPlan(seed, topo, collective=False, mesh=spec)
+    seed_process(plan.process_seed, cuda_device=None)
+    return plan
+
+
+def draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.random()), float(torch.rand(1))
+
+
+def test_fork_restores_the_shared_streams_and_continues_its_own() -> None:
+    plan = mesh_plan()
+    seed_process(plan.process_seed, cuda_device=None)
+    straight = [draws(), draws()]
+    seed_process(plan.process_seed, cuda_device=None)
+    first = draws()
+    with plan.fork("tp") as dims:
+        assert dims == ("dp", "tp")
+        inside = draws()
+    assert [first, draws()] == straight  # the fork consumed nothing of the shared streams
+    with plan.fork("tp"):
+        again = draws()
+    seed_process(plan.mesh.seed(5, ("dp", "tp"), fork=True), cuda_device=None)  # type: ignore[union-attr]
+    assert [draws(), draws()] == [inside, again]  # one stream across both regions
+
+
+def test_fork_exits_cleanly_on_an_exception_and_refuses_what_would_be_wrong() -> None:
+    plan = mesh_plan()
+    before = torch.get_rng_state().clone()
+    with pytest.raises(KeyError), plan.fork("tp"):
+        torch.rand(3)
+        raise KeyError("boom")
+    assert torch.equal(before, torch.get_rng_state())
+    with plan.fork("tp"):
+        with pytest.raises(ArgumentError, match="already active"), plan.fork("tp"):
+            pass
+        with pytest.raises(ddpseed.StateError, match=r"inside plan\.fork"):
+            plan.state_dict()
+    no_mesh = ddpseed.SeedPlan(5, Topology("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 29500))
+    with pytest.raises(ArgumentError, match=r"setup\(mesh=\.\.\.\)"), no_mesh.fork("tp"):
+        pass
+
+
+def test_forked_streams_resume_exactly_from_the_state() -> None:
+    plan = mesh_plan()
+    with plan.fork("tp"):
+        draws()
+    state = plan.state_dict()
+    with plan.fork("tp"):
+        expected = [draws()]
+    expected.append(draws())
+    again = mesh_plan()
+    again.load_state_dict(state)
+    with again.fork("tp"):
+        got = [draws()]
+    got.append(draws())
+    assert got == expected
+    other = ddpseed.SeedPlan(5, again.topology, collective=False)  # saved under a mesh
+    with pytest.raises(ddpseed.StateError, match="saved with mesh"):
+        other.load_state_dict(state)
+
+
+def test_tp_peers_share_process_streams_and_split_in_a_fork() -> None:
+    a, b = mesh_plan((1, 0)), mesh_plan((1, 1))
+    assert a.process_seed == b.process_seed != mesh_plan((0, 0)).process_seed
+    assert (a.data_rank, a.data_world_size) == (1, 2)
+    assert a.worker_seed(1, 2) == b.worker_seed(1, 2) == ddpseed.worker_seed(5, 1, 2, 1)
+    seeds = set()
+    for plan in (a, b):
+        with plan.fork("tp"):
+            seeds.add(torch.initial_seed())
+    assert len(seeds) == 2
