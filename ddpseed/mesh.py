@@ -26,7 +26,7 @@ scheme's (odd) worker seeds.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,4 +307,32 @@ def spec_of(
     if coordinate is None:
         raise ArgumentError(f"rank {rank} is not in mesh {_shape_text(names, shape)}")
     layout = call_id(",".join(map(str, mesh.mesh.flatten().tolist())))
+    return MeshSpec.build(names, shape, coordinate, data_dims, distinct_dims, layout=layout)
+
+
+def spec_of_shape(
+    dims: Mapping[str, int],
+    rank: int,
+    world_size: int,
+    data_dims: str | Iterable[str] | None = None,
+    distinct_dims: str | Iterable[str] | None = None,
+) -> MeshSpec:
+    """The :class:`MeshSpec` of ``rank`` in the mesh ``init_device_mesh`` makes of ``dims``
+    (``{"dp": 2, "tp": 2}``: ranks laid out row-major, as torch does)."""
+    if not isinstance(dims, Mapping) or not all(
+        isinstance(n, str) and isinstance(s, int) and not isinstance(s, bool) and s >= 1
+        for n, s in dims.items()
+    ):
+        raise ArgumentError(
+            f"mesh={dims!r} is neither a DeviceMesh nor a mapping of dimension names to sizes "
+            "(e.g. mesh={'dp': 2, 'tp': 2})"
+        )
+    names, shape = tuple(dims), tuple(dims.values())
+    if math.prod(shape) != world_size:
+        raise ArgumentError(
+            f"mesh {_shape_text(names, shape)} has {math.prod(shape)} ranks but the job has "
+            f"{world_size}; the sizes must multiply to the world size"
+        )
+    coordinate = tuple(int(c) for c in np.unravel_index(rank, shape))
+    layout = call_id(",".join(map(str, range(world_size))))
     return MeshSpec.build(names, shape, coordinate, data_dims, distinct_dims, layout=layout)

@@ -67,6 +67,7 @@ class SeedPlan:
         self._deterministic = deterministic
         self._run_dir = run_dir
         self._mesh = mesh
+        self.device_mesh: Any = None  # the DeviceMesh of setup(mesh=...), if any
         self._forks = Forks(mesh, self._base_seed, cuda_device)
         self._epoch = 0
         self._samplers: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -13,9 +13,9 @@ import math
 import numbers
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,11 +24,14 @@ from .coordinator import Proposal, Source, path_id
 from .derivation import SCHEMES, Scheme, validate_seed
 from .errors import ArgumentError, DDPSeedError, StateError, shown
 from .files import atomic_write_json
-from .mesh import MeshSpec, spec_of
+from .mesh import MeshSpec, spec_of, spec_of_shape
 from .plan import DEFAULT_TIMEOUT, SeedPlan
 from .rundir import MANIFEST_FILE, SEED_FILE, Found, RunDir, SeedRecord
 from .seeding import enable_determinism, local_cuda_device, seed_process
 from .topology import detect
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +215,28 @@ def _mesh_spec(
             return None, f"{' and '.join(given)} given without mesh=; pass the world DeviceMesh"
         return None, ""
     try:
+        if isinstance(mesh, Mapping) or not hasattr(mesh, "get_coordinate"):
+            return spec_of_shape(mesh, rank, world_size, data_dims, distinct_dims), ""
         return spec_of(mesh, rank, world_size, data_dims, distinct_dims), ""
     except DDPSeedError as exc:
         return None, str(exc)
+
+
+def _device_mesh(mesh: Any, spec: MeshSpec | None, cuda_device: int | None) -> Any:
+    """The DeviceMesh of ``setup(mesh=...)``: the one given, or (for a mapping of sizes) one
+    made now, once every rank has agreed on it, over the process group ddpseed made.
+
+    Why make it here: a script that calls init_device_mesh before any process group exists gets
+    torch's env:// group, whose store keys collide with an earlier attempt's after a torchrun
+    restart (the restarted ranks dial the dead ranks' addresses)."""
+    if spec is None or hasattr(mesh, "get_coordinate"):
+        return mesh
+    if not torch.distributed.is_initialized():  # a world of one: nothing to lay out
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if cuda_device is not None else "cpu"
+    return init_device_mesh(device, spec.shape, mesh_dim_names=spec.names)
 
 
 def setup(
@@ -226,7 +248,7 @@ def setup(
     run_dir: str | os.PathLike[str] | None = None,
     scheme: Scheme = "default",
     pg_timeout: float | None = None,
-    mesh: Any = None,
+    mesh: DeviceMesh | Mapping[str, int] | None = None,
     data_dims: str | Iterable[str] | None = None,
     distinct_dims: str | Iterable[str] | None = None,
 ) -> SeedPlan:
@@ -239,7 +261,9 @@ def setup(
     in seconds: ``None`` leaves torch's default on a group ddpseed creates, and leaves a group
     the script made as it is.
 
-    ``mesh``: the job's world ``DeviceMesh`` with named dimensions (DP x TP x PP ...). The data
+    ``mesh``: the job's world ``DeviceMesh`` with named dimensions (DP x TP x PP ...), or a
+    mapping of names to sizes (``{"dp": 2, "tp": 2}``) from which ddpseed makes it once every
+    rank agrees (``plan.device_mesh``; safe across torchrun restarts). The data
     shard and worker seeds then follow the rank's coordinate over ``data_dims`` (default: the
     names starting with "dp", and "fsdp"/"hsdp"), and the process streams are distinct along
     ``distinct_dims`` (default: pp, ep and the data dims; shared along tp, cp); see
@@ -315,6 +339,7 @@ def setup(
     )
     if agreement.record:
         _persist(plan, where, found, record_error, timeout)
+    plan.device_mesh = _device_mesh(mesh, spec, cuda_device)
     seed_process(plan.process_seed, cuda_device=cuda_device)
     log.info("%r from %s; %r", plan, plan.seed_source, topo)
     return plan

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import ddpseed
 from ddpseed.errors import ArgumentError
-from ddpseed.mesh import MAX_RANKS, MeshSpec, parse_mesh
+from ddpseed.mesh import MAX_RANKS, MeshSpec, parse_mesh, spec_of_shape
 from ddpseed.seeding import seed_process
 from ddpseed.topology import Topology
 
@@ -251,3 +251,12 @@ def test_tp_peers_share_process_streams_and_split_in_a_fork() -> None:
         with plan.fork("tp"):
             seeds.add(torch.initial_seed())
     assert len(seeds) == 2
+
+
+def test_a_mapping_of_sizes_lays_ranks_out_row_major_like_init_device_mesh() -> None:
+    spec = spec_of_shape({"pp": 2, "dp": 2, "tp": 2}, 6, 8)
+    assert (spec.coordinate, spec.data_rank) == ((1, 1, 0), 1)
+    with pytest.raises(ArgumentError, match="has 4 ranks but the job has 8"):
+        spec_of_shape({"dp": 2, "tp": 2}, 0, 8)
+    with pytest.raises(ArgumentError, match="neither a DeviceMesh nor a mapping"):
+        spec_of_shape({"dp": "2"}, 0, 2)  # type: ignore[dict-item]

@@ -115,3 +115,54 @@ def test_mesh_settings_one_rank_disagrees_with_are_refused_on_every_rank(
         line = r.stderr[r.stderr.index("DDPSEED_ERROR") :]
         assert re.search(message, line), line
     assert not list(tmp_path.glob("rank*.json"))
+
+
+def test_fork_splits_tp_peers_inside_and_they_agree_again_after(tmp_path: Path) -> None:
+    """dp=2, tp=2: inside ``plan.fork("tp")`` every rank draws its own values; after the block
+    tp peers agree again. A DTensor dropout on the CPU mesh draws from the process's torch
+    generator (DTensor's offset tracker is CUDA-only): replicated over tp it stays replicated
+    (tp peers share the stream), sharded over tp inside the fork each shard gets its own mask."""
+    ranks = run_mesh(tmp_path, "dp=2,tp=2", 4, FORK="1")
+    inside = [tuple(s["inside_fork"]) for s in ranks.values()]
+    again = [tuple(s["fork_again"]) for s in ranks.values()]
+    assert len(set(inside)) == 4 and len(set(again)) == 4 and not set(inside) & set(again)
+    for dp in (0, 1):
+        a, b = ranks[(dp, 0)], ranks[(dp, 1)]
+        assert a["before_fork"] == b["before_fork"]
+        assert a["after_fork"] == b["after_fork"]
+        assert a["replicated_dropout"] == b["replicated_dropout"]
+        assert a["fork_dropout"] != b["fork_dropout"]
+    assert ranks[(0, 0)]["after_fork"] != ranks[(1, 0)]["after_fork"]
+    assert all(s["dtensor_dropout_is_local_dropout"] for s in ranks.values())
+
+
+TRAIN = REPO / "tests" / "helpers" / "mesh_train.py"
+
+
+def train(tmp: Path, name: str, restarts: int = 0, **env: str) -> list[dict[str, Any]]:
+    out = tmp / name
+    proc = torchrun(
+        [str(TRAIN)],
+        nproc=8,
+        timeout=420,
+        extra=[f"--max-restarts={restarts}"],
+        env={"MESH": "pp=2,dp=2,tp=2", "OUT": str(out), **env},
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(8)]
+
+
+def test_sigkill_and_torchrun_restart_resume_forked_streams_bitwise(tmp_path: Path) -> None:
+    """pp=2, dp=2, tp=2 with 2 workers: rank 1 is killed at step 9 (checkpoint at 8, mid-epoch
+    1); the restarted job's batches, shared draws and forked draws equal an unkilled run's."""
+    straight = train(tmp_path, "straight")
+    ckpt = {"CKPT": str(tmp_path / "ckpt"), "KILL_AT": "9"}
+    killed = train(tmp_path, "killed", restarts=1, **ckpt)
+    assert [k["attempt"] for k in killed] == [1] * 8
+    for s, k in zip(straight, killed, strict=True):
+        assert len(s["trace"]) == 12 and k["trace"] == s["trace"]
+    by_rank = [s["trace"] for s in straight]
+    # Ranks are (pp, dp, tp) in row-major order: rank 2*j and 2*j + 1 are tp peers.
+    for j in range(4):
+        for a, b in zip(by_rank[2 * j], by_rank[2 * j + 1], strict=True):
+            assert a[1:3] == b[1:3] and a[3] != b[3]  # same batch and shared draws; own fork
