@@ -340,6 +340,13 @@ def setup(
     if agreement.record:
         _persist(plan, where, found, record_error, timeout)
     plan.device_mesh = _device_mesh(mesh, spec, cuda_device)
+    if plan.device_mesh is not None and cuda_device is not None:
+        # DTensor's first random op would otherwise make its RNG tracker with run_state_sync,
+        # broadcasting rank 0's CUDA state over every rank's and erasing the policy's streams;
+        # manual_seed makes the tracker without that broadcast (and seeds with our seed).
+        from torch.distributed.tensor._random import manual_seed as dtensor_manual_seed
+
+        dtensor_manual_seed(plan.process_seed, plan.device_mesh)
     seed_process(plan.process_seed, cuda_device=cuda_device)
     log.info("%r from %s; %r", plan, plan.seed_source, topo)
     return plan

@@ -6,6 +6,7 @@ The multi-process proofs (torchrun, init_device_mesh on gloo) are in test_mesh_r
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import ddpseed
+from ddpseed import cli
 from ddpseed.errors import ArgumentError
 from ddpseed.mesh import MAX_RANKS, MeshSpec, parse_mesh, spec_of_shape
 from ddpseed.seeding import seed_process
@@ -260,3 +262,22 @@ def test_a_mapping_of_sizes_lays_ranks_out_row_major_like_init_device_mesh() -> 
         spec_of_shape({"dp": 2, "tp": 2}, 0, 8)
     with pytest.raises(ArgumentError, match="neither a DeviceMesh nor a mapping"):
         spec_of_shape({"dp": "2"}, 0, 2)  # type: ignore[dict-item]
+
+
+def test_plan_mesh_prints_every_coordinate_and_no_collisions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["plan", "--seed", "7", "--mesh", "pp=2,dp=2,tp=2", "--num-workers", "2"]
+    assert cli.main([*argv, "--fork", "tp", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    rows = table["rows"]
+    assert [r["coordinate"] for r in rows[:2]] == [[0, 0, 0], [0, 0, 1]]
+    assert table["collisions"] == [] and table["distinct_dims"] == ["pp", "dp"]
+    assert rows[0]["process_seed"] == rows[1]["process_seed"] != rows[2]["process_seed"]
+    assert len({r["fork_seeds"]["pp,dp,tp"] for r in rows}) == 8
+    assert rows[0]["worker_seeds"] == rows[4]["worker_seeds"] == [7, 8]  # pp peers, data rank 0
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "process streams shared along tp" in text and "collisions: none" in text
+    assert cli.main([*argv, "--world-size", "4"]) == 2
+    assert "has 8 ranks" in capsys.readouterr().err

@@ -6,6 +6,7 @@ their mesh coordinate against the policy table (README "Beyond DDP").
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from helpers.ranks import REPO, run_ranks, torchrun
+from ddpseed import meshcli
+from helpers.ranks import REPO, parse_verify, run_ranks, torchrun
 
 SCRIPT = REPO / "tests" / "helpers" / "mesh_rank.py"
 DATA_LEN = 40
@@ -166,3 +168,21 @@ def test_sigkill_and_torchrun_restart_resume_forked_streams_bitwise(tmp_path: Pa
     for j in range(4):
         for a, b in zip(by_rank[2 * j], by_rank[2 * j + 1], strict=True):
             assert a[1:3] == b[1:3] and a[3] != b[3]  # same batch and shared draws; own fork
+
+
+def test_verify_under_a_mesh_checks_tp_peers_agree_and_dp_peers_differ() -> None:
+    cmd = ["-m", "ddpseed", "verify", "--json", "--seed", "5", "--mesh", "dp=2,tp=2"]
+    proc = torchrun(cmd, nproc=4, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    reports = parse_verify(proc.stdout)
+    assert all(r["agree"] for r in reports)
+    assert [r["data_rank"] for r in reports] == [0, 0, 1, 1]
+    assert reports[0]["draws"] == reports[1]["draws"] != reports[2]["draws"]
+    assert reports[0]["shard"] == reports[1]["shard"] != reports[2]["shard"]
+    # What verify reports for a job whose tp peer drew like a dp peer and read its shard:
+    bad = copy.deepcopy(reports)
+    bad[1].update(draws=bad[2]["draws"], expected=bad[2]["draws"], shard=bad[2]["shard"])
+    problems = meshcli.verify_problems(bad, 64)
+    assert "ranks 0 and 1: expected the same draws (peers along shared dims)" in problems
+    assert "ranks 1 and 2: expected different draws" in problems
+    assert "ranks 0 and 1: shards break the data dims" in problems
