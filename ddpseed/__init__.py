@@ -25,6 +25,7 @@ from .errors import (
     TopologyError,
 )
 from .loader import SeededDataLoader
+from .mesh import MeshSpec
 from .plan import SeedPlan
 from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
@@ -40,6 +41,7 @@ __all__ = [
     "ArgumentError",
     "CoordinationError",
     "DDPSeedError",
+    "MeshSpec",
     "RunDirError",
     "ScalableDistributedSampler",
     "SeedMismatchError",
