@@ -115,6 +115,8 @@ class Agreement:
     # the record step (a collective) happens; ranks given another directory are listed.
     record: bool = False
     other_run_dir: tuple[int, ...] = ()
+    # Ranks sent different mesh settings: setup() then shows every rank's and stops them all.
+    mesh_differs: bool = False
 
 
 def path_id(path: str | None) -> int:
@@ -197,17 +199,11 @@ def decide(records: Sequence[Proposal]) -> Agreement:
     # seed needs remembering (drawn from entropy, or already taken from a record).
     record = bool(first.run_dir) and (first.explicit_dir or src in (Source.ENTROPY, Source.RECORD))
     other = tuple(rank for rank, r in enumerate(records) if r.run_dir != first.run_dir)
-    return Agreement(seed, src, record, other)
+    return Agreement(seed, src, record, other, len({r.mesh for r in records}) > 1)
 
 
-def agree(
-    proposal: Proposal, topo: Topology, timeout: float, mesh_text: str = "no mesh"
-) -> Agreement:
-    """Exchange every rank's record and return the common verdict (raises on every rank).
-
-    ``mesh_text`` describes this rank's mesh settings; it travels only when the ranks' mesh
-    ids differ, so that the error can show every rank's settings.
-    """
+def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:
+    """Exchange every rank's record and return the common verdict (raises on every rank)."""
     hint = (
         "A rank that crashed or was killed before ddpseed.setup stops the whole job."
         + loopback_hint(topo)
@@ -220,27 +216,12 @@ def agree(
         timeout,
         hint=hint,
     )
-    records = [
-        Proposal.from_values(values, reports.messages.get(rank))
-        for rank, values in enumerate(reports.values)
-    ]
-    agreement = decide(records)
-    if len({r.mesh for r in records}) > 1:  # every rank sees the same records: all come here
-        texts = exchange("mesh settings (ddpseed.setup)", (), mesh_text, topo, timeout)
-        raise SeedMismatchError(
-            "ranks were given different mesh settings; no rank was seeded:\n"
-            + "\n".join(f"  {line}" for line in _grouped(texts.messages, topo.world_size))
-            + "\nfix: pass the same world mesh (init_device_mesh with the same shape and "
-            "names), data_dims= and distinct_dims= to setup() on every rank"
-        )
-    return agreement
-
-
-def _grouped(messages: dict[int, str], world_size: int) -> list[str]:
-    by_text: dict[str, list[int]] = {}
-    for rank in range(world_size):
-        by_text.setdefault(messages.get(rank, "?"), []).append(rank)
-    return [f"ranks {ranks_text(rs)}: {text}" for text, rs in by_text.items()]
+    return decide(
+        [
+            Proposal.from_values(values, reports.messages.get(rank))
+            for rank, values in enumerate(reports.values)
+        ]
+    )
 
 
 def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -> list[str]:

@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import coordinator, rundir
+from .collective import exchange, ranks_text
 from .coordinator import Proposal, Source, path_id
 from .derivation import SCHEMES, Scheme, validate_seed
-from .errors import ArgumentError, DDPSeedError, StateError, shown
+from .errors import ArgumentError, DDPSeedError, SeedMismatchError, StateError, shown
 from .files import atomic_write_json
 from .mesh import MeshSpec, spec_of, spec_of_shape
 from .plan import DEFAULT_TIMEOUT, SeedPlan
 from .rundir import MANIFEST_FILE, SEED_FILE, Found, RunDir, SeedRecord
 from .seeding import enable_determinism, local_cuda_device, seed_process
-from .topology import detect
+from .topology import Topology, detect
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -222,6 +223,21 @@ def _mesh_spec(
         return None, str(exc)
 
 
+def _refuse_other_meshes(spec: MeshSpec | None, topo: Topology, timeout: float) -> None:
+    """Every rank: raise with each rank's mesh settings (they differ; every rank is here)."""
+    mine = spec.describe() if spec is not None else "no mesh"
+    texts = exchange("mesh settings (ddpseed.setup)", (), mine, topo, timeout).messages
+    groups: dict[str, list[int]] = {}
+    for rank in range(topo.world_size):
+        groups.setdefault(texts.get(rank, "?"), []).append(rank)
+    raise SeedMismatchError(
+        "ranks were given different mesh settings; no rank was seeded:\n"
+        + "\n".join(f"  ranks {ranks_text(rs)}: {text}" for text, rs in groups.items())
+        + "\nfix: pass the same world mesh (init_device_mesh with the same shape and names), "
+        "data_dims= and distinct_dims= to setup() on every rank"
+    )
+
+
 def _device_mesh(mesh: Any, spec: MeshSpec | None, cuda_device: int | None) -> Any:
     """The DeviceMesh of ``setup(mesh=...)``: the one given, or (for a mapping of sizes) one
     made now, once every rank has agreed on it, over the process group ddpseed made.
@@ -307,9 +323,9 @@ def setup(
     chosen_dir = (
         found.dir if found is not None else (where.path if where and where.explicit else None)
     )
-    agreement = coordinator.agree(
-        proposal, topo, timeout, spec.describe() if spec is not None else "no mesh"
-    )
+    agreement = coordinator.agree(proposal, topo, timeout)
+    if agreement.mesh_differs:
+        _refuse_other_meshes(spec, topo, timeout)
     if topo.rank in agreement.other_run_dir:
         log.warning(
             "rank %d: run directory %s differs from rank 0's; only rank 0 reads and writes the "
@@ -340,7 +356,7 @@ def setup(
     if agreement.record:
         _persist(plan, where, found, record_error, timeout)
     plan.device_mesh = _device_mesh(mesh, spec, cuda_device)
-    if plan.device_mesh is not None and cuda_device is not None:
+    if cuda_device is not None and getattr(plan.device_mesh, "device_type", "") == "cuda":
         # DTensor's first random op would otherwise make its RNG tracker with run_state_sync,
         # broadcasting rank 0's CUDA state over every rank's and erasing the policy's streams;
         # manual_seed makes the tracker without that broadcast (and seeds with our seed).
