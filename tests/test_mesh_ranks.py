@@ -99,8 +99,12 @@ def test_pp2_dp2_tp2_follows_the_policy_table(tmp_path: Path) -> None:
             r"ArgumentError: invalid mesh settings on 1 of 4 ranks.*\n  rank 3: data_dims="
             r"\('dq',\) names 'dq', not a dimension",
         ),
+        (
+            {"NO_MESH": "1"},
+            r"different mesh settings.*\n  ranks 0-2: mesh .*\n  ranks 3: no mesh\n",
+        ),
     ],
-    ids=["one-rank-other-data-dims", "one-rank-bad-data-dims"],
+    ids=["one-rank-other-distinct-dims", "one-rank-bad-data-dims", "one-rank-no-mesh"],
 )
 def test_mesh_settings_one_rank_disagrees_with_are_refused_on_every_rank(
     tmp_path: Path, rank_env: dict[str, str], message: str

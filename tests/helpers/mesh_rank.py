@@ -1,10 +1,11 @@
 """One rank of a mesh job under torchrun: init_device_mesh on CPU/gloo, then ddpseed.setup(mesh=).
 
 Settings from the environment: MESH ("dp=2,tp=2"), DATA_DIMS / DISTINCT_DIMS (comma lists;
-unset = ddpseed's defaults), WORKERS, DATA_LEN, BATCH, OUT (directory). Writes
-OUT/rank<r>.json with what this rank saw: its coordinate and data rank, the indices and a
-digest of every augmented batch of two epochs, draws from random/NumPy/torch after setup, and
-(with FORK=1) draws inside and after ``plan.fork("tp")`` and a DTensor dropout.
+unset = ddpseed's defaults), WORKERS, DATA_LEN, BATCH, OUT (directory), NO_MESH=1 (this rank
+calls setup without mesh=). Writes OUT/rank<r>.json with what this rank saw: its coordinate
+and data rank, the indices and a digest of every augmented batch of two epochs, draws from
+random/NumPy/torch after setup, and (with FORK=1) draws inside and after ``plan.fork("tp")``
+and a DTensor dropout.
 
 On a ddpseed error prints "DDPSEED_ERROR <type>: <msg>" to stderr and exits 3.
 """
@@ -53,7 +54,7 @@ def main() -> dict[str, Any]:
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=dims)
     plan = ddpseed.setup(
         seed=int(env.get("SEED", "11")),
-        mesh=mesh,
+        mesh=None if env.get("NO_MESH") == "1" else mesh,  # a rank that forgot it
         data_dims=names("DATA_DIMS"),
         distinct_dims=names("DISTINCT_DIMS"),
         timeout=float(env.get("TIMEOUT", "60")),
