@@ -8,7 +8,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from ddpseed.errors import ArgumentError
 from ddpseed.mesh import MAX_RANKS, MeshSpec, parse_mesh, spec_of_shape
 from ddpseed.seeding import seed_process
 from ddpseed.topology import Topology
+from helpers.ranks import without_launcher
 
 
 def every_rank(names: tuple[str, ...], shape: tuple[int, ...], **kw: object) -> list[MeshSpec]:
@@ -281,3 +284,19 @@ def test_plan_mesh_prints_every_coordinate_and_no_collisions(
     assert "process streams shared along tp" in text and "collisions: none" in text
     assert cli.main([*argv, "--world-size", "4"]) == 2
     assert "has 8 ranks" in capsys.readouterr().err
+
+
+def test_setup_with_a_mesh_in_a_world_of_one_and_mesh_arguments_without_a_mesh(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in set(os.environ) - set(without_launcher(os.environ)):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    plan = ddpseed.setup(seed=3, mesh={"dp": 1, "tp": 1})
+    assert (plan.data_rank, plan.data_world_size, plan.device_mesh) == (0, 1, None)
+    assert plan.process_seed == MeshSpec.build(("dp", "tp"), (1, 1), (0, 0)).seed(3)
+    assert random.random() == random.Random(plan.process_seed).random()
+    with pytest.raises(ArgumentError, match=r"(?s)invalid mesh settings.*data_dims given without"):
+        ddpseed.setup(seed=3, data_dims=("dp",))
+    with pytest.raises(ArgumentError, match=r"mesh \(dp=2\) has 2 ranks but the job has 1"):
+        ddpseed.setup(seed=3, mesh={"dp": 2})
