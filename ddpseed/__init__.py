@@ -26,6 +26,7 @@ from .errors import (
     TopologyError,
 )
 from .loader import SeededDataLoader
+from .mesh import MeshSpec
 from .plan import SeedPlan
 from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
@@ -41,6 +42,7 @@ __all__ = [
     "ArgumentError",
     "CoordinationError",
     "DDPSeedError",
+    "MeshSpec",
     "RunDirError",
     "ScalableDistributedSampler",
     "SeedMismatchError",

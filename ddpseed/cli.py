@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import meshcli
 from .derivation import SCHEMES, seed_table, validate_seed
 from .errors import DDPSeedError
 from .topology import choose, detect, outranked
@@ -58,6 +59,8 @@ def _seed_arg(text: str) -> int:
 
 # -- plan ---------------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.mesh is not None or args.world_size is None:
+        return meshcli.plan_table(args, out)
     table = seed_table(
         args.seed, args.world_size, args.num_workers, args.epochs, scheme=args.scheme
     )
@@ -170,7 +173,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from .startup import setup
 
-    plan = setup(seed=args.seed, timeout=args.timeout)
+    plan = setup(seed=args.seed, timeout=args.timeout, **meshcli.mesh_settings(args))
     topo = plan.topology
     report: dict[str, Any] = dataclasses.asdict(topo)
     report.update(
@@ -181,6 +184,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         draws=_draws(None),
         expected=_draws(plan.process_seed),
         shard=[int(i) for i in plan.sampler(range(args.dataset_size))],
+        **meshcli.report(plan),
     )
     if args.num_workers:
         loader = plan.dataloader(
@@ -201,7 +205,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         gathered: list[Any] = [None] * plan.world_size
         dist.all_gather_object(gathered, report)
         reports = gathered
-    problems = _verify_problems(reports, args.dataset_size)
+    problems = (meshcli.verify_problems if plan.mesh else _verify_problems)(
+        reports, args.dataset_size
+    )
     for r in reports:
         r["agree"] = not problems
     if plan.rank == 0:
@@ -370,12 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="table of every process and worker seed, and collisions")
     p.add_argument("--seed", type=_seed_arg, required=True, help="base seed, in [0, 2**32)")
-    p.add_argument("--world-size", type=_count_arg(1), required=True, help="ranks (>= 1)")
+    p.add_argument("--world-size", type=_count_arg(1), default=None, help="ranks (>= 1)")
     p.add_argument("--num-workers", type=_count_arg(0), default=0, help="workers per rank")
     p.add_argument("--epochs", type=_count_arg(1), default=1, help="epochs to list (>= 1)")
     p.add_argument("--scheme", choices=SCHEMES, default="default", help="derivation rule")
     p.add_argument("--show", type=_count_arg(0), default=20, help="collisions to list")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    meshcli.add_arguments(p, plan=True)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("env", help="the topology detected from the launcher's environment")
@@ -388,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=_count_arg(0), default=2, help="workers to check")
     p.add_argument("--dataset-size", type=_count_arg(1), default=64, help="samples to shard")
     p.add_argument("--json", action="store_true", help="print one JSON line on rank 0")
+    meshcli.add_arguments(p, plan=False)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(

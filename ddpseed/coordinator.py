@@ -76,6 +76,8 @@ class Proposal:
     explicit_dir: bool = False  # run_dir= or DDPSEED_RUN_DIR, not derived from a job id
     scheme: int = 0  # index into derivation.SCHEMES
     deterministic: bool = False
+    mesh: int = 0  # MeshSpec.agreement_id() of this rank's mesh settings, 0 for no mesh
+    mesh_error: bool = False  # the error is about the mesh settings, not the seed
     error: str | None = None  # this rank's validation error, shown on every rank
 
     def values(self) -> tuple[int, ...]:
@@ -99,6 +101,8 @@ class Proposal:
             explicit_dir=bool(raw["explicit_dir"]),
             scheme=raw["scheme"],
             deterministic=bool(raw["deterministic"]),
+            mesh=raw["mesh"],
+            mesh_error=bool(raw["mesh_error"]),
             error=error,
         )
 
@@ -111,6 +115,8 @@ class Agreement:
     # the record step (a collective) happens; ranks given another directory are listed.
     record: bool = False
     other_run_dir: tuple[int, ...] = ()
+    # Ranks sent different mesh settings: setup() then shows every rank's and stops them all.
+    mesh_differs: bool = False
 
 
 def path_id(path: str | None) -> int:
@@ -144,6 +150,11 @@ def decide(records: Sequence[Proposal]) -> Agreement:
     errors = [(rank, r.error) for rank, r in enumerate(records) if r.error]
     if errors:
         lines = "\n".join(f"  rank {rank}: {strip_rank(msg, rank)}" for rank, msg in errors)
+        if all(records[rank].mesh_error for rank, _ in errors):
+            raise ArgumentError(
+                f"invalid mesh settings on {len(errors)} of {world_size} ranks; no rank was "
+                f"seeded:\n{lines}"
+            )
         raise SeedValueError(
             f"invalid seed on {len(errors)} of {world_size} ranks; no rank was seeded:\n{lines}"
         )
@@ -188,7 +199,7 @@ def decide(records: Sequence[Proposal]) -> Agreement:
     # seed needs remembering (drawn from entropy, or already taken from a record).
     record = bool(first.run_dir) and (first.explicit_dir or src in (Source.ENTROPY, Source.RECORD))
     other = tuple(rank for rank, r in enumerate(records) if r.run_dir != first.run_dir)
-    return Agreement(seed, src, record, other)
+    return Agreement(seed, src, record, other, len({r.mesh for r in records}) > 1)
 
 
 def agree(proposal: Proposal, topo: Topology, timeout: float) -> Agreement:

@@ -3,23 +3,23 @@ and loaders."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import platform
-import socket
-import time
 import weakref
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from .collective import disagreement, exchange
-from .derivation import Scheme, process_seed, rule, validate_seed, worker_seed
+from .derivation import Scheme, process_seed, validate_seed, worker_seed
 from .errors import AgreementError, StateError
+from .forks import Forks
 from .loader import CONTRACT, SeededDataLoader
+from .manifest import manifest as run_manifest
+from .mesh import MeshSpec
 from .registry import LoaderRegistry
 from .sampler import SeededDistributedSampler
 from .scalable import ScalableDistributedSampler
@@ -53,6 +53,7 @@ class SeedPlan:
         run_dir: Path | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         collective: bool = True,
+        mesh: MeshSpec | None = None,
     ) -> None:
         self.timeout = timeout
         # False: a plan made outside setup() to inspect one rank of a job without a process
@@ -65,6 +66,9 @@ class SeedPlan:
         self._cuda_device = cuda_device
         self._deterministic = deterministic
         self._run_dir = run_dir
+        self._mesh = mesh
+        self.device_mesh: Any = None  # the DeviceMesh of setup(mesh=...), if any
+        self._forks = Forks(mesh, self._base_seed, cuda_device)
         self._epoch = 0
         self._samplers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._worker_init_fn = self._init_fn()
@@ -108,30 +112,56 @@ class SeedPlan:
         return self._cuda_device
 
     @property
+    def deterministic(self) -> tuple[str, ...]:
+        return self._deterministic
+
+    @property
+    def mesh(self) -> MeshSpec | None:
+        return self._mesh
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's shard: its coordinate over the mesh's data dims (else its rank)."""
+        return self._mesh.data_rank if self._mesh is not None else self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self._mesh.data_world_size if self._mesh is not None else self.world_size
+
+    @property
     def process_seed(self) -> int:
+        if self._mesh is not None:
+            return self._mesh.seed(self._base_seed)
         return process_seed(self._base_seed, self.rank, scheme=self._scheme)
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
+    def fork(
+        self, *dims: str, distinct: Iterable[str] | None = None
+    ) -> AbstractContextManager[tuple[str, ...]]:
+        """A region whose streams are also distinct along ``dims`` (or along exactly
+        ``distinct``); the shared streams are restored on exit. See :mod:`ddpseed.forks`."""
+        return self._forks.region(self._forks.dims(dims, distinct))
+
     def worker_seed(self, worker_id: int, num_workers: int, epoch: int = 0) -> int:
         """Seed of this rank's DataLoader worker ``worker_id`` of ``num_workers`` in ``epoch``."""
         return worker_seed(
             self._base_seed,
-            self.rank,
+            self.data_rank,
             num_workers,
             worker_id,
             epoch,
-            self.world_size,
+            self.data_world_size,
             scheme=self._scheme,
         )
 
     def _init_fn(self, then: Any = None) -> WorkerInitFn:
         return WorkerInitFn(
             self._base_seed,
-            self.rank,
-            self.world_size,
+            self.data_rank,
+            self.data_world_size,
             epoch=self._epoch,
             scheme=self._scheme,
             then=then,
@@ -177,8 +207,8 @@ class SeedPlan:
         cls: Any = ScalableDistributedSampler if scalable else SeededDistributedSampler
         sampler = cls(
             dataset,
-            num_replicas=self.world_size if distributed else 1,
-            rank=self.rank if distributed else 0,
+            num_replicas=self.data_world_size if distributed else 1,
+            rank=self.data_rank if distributed else 0,
             shuffle=shuffle,
             seed=self._base_seed,
             drop_last=drop_last,
@@ -277,6 +307,7 @@ class SeedPlan:
         if undone is not None:
             rng, epoch, prior = undone
             restore_rngs(rng, self._cuda_device)
+            self._forks.undo_load()
             self.set_epoch(epoch)
             self._loaders.put_back(prior)
         raise StateError(
@@ -303,24 +334,7 @@ class SeedPlan:
     # -- records ----------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         """Everything that determined this run's randomness, as JSON-able values."""
-        return {
-            "base_seed": self._base_seed,
-            "seed_source": self._source,
-            "scheme": self._scheme,
-            "rule": rule(self._scheme),
-            "topology": dataclasses.asdict(self._topology),
-            "process_seed": self.process_seed,
-            "cuda_device": self._cuda_device,
-            "deterministic": list(self._deterministic),
-            "run_dir": str(self._run_dir) if self._run_dir else None,
-            "versions": {
-                "torch": torch.__version__,
-                "numpy": np.__version__,
-                "python": platform.python_version(),
-            },
-            "host": socket.gethostname(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        return run_manifest(self)
 
     def state_dict(self) -> dict[str, Any]:
         """What this rank needs to continue its random streams and data exactly."""
@@ -331,7 +345,9 @@ class SeedPlan:
             "world_size": self.world_size,
             "epoch": self._epoch,
             "torch_version": TORCH_RELEASE,
+            "mesh": self._mesh.record() if self._mesh is not None else None,
             "rng": capture_rngs(self._cuda_device),
+            "forks": self._forks.state_dict(),
             **self._loaders.state_dict(),
         }
 
@@ -341,6 +357,7 @@ class SeedPlan:
         self.check_state(state, source=source)
         rng, epoch = capture_rngs(self._cuda_device), self._epoch
         restore_rngs(state["rng"], self._cuda_device)
+        self._forks.load_state_dict(dict(state.get("forks", {})))
         self.set_epoch(int(state["epoch"]))
         self._loaders.restore(dict(state["loaders"]), rng, epoch)
 
@@ -373,6 +390,12 @@ class SeedPlan:
             ("rank", state["rank"], self.rank, "load each rank's own file"),
             ("scheme", state["scheme"], self._scheme, "use the saved scheme"),
             (
+                "mesh",
+                state.get("mesh"),
+                self._mesh.record() if self._mesh is not None else None,
+                "resume with the saved mesh, data_dims and distinct_dims (streams follow them)",
+            ),
+            (
                 "torch",
                 state.get("torch_version"),
                 TORCH_RELEASE,
@@ -381,6 +404,9 @@ class SeedPlan:
         ):
             if saved != now:
                 return f"saved with {what} {saved!r} but this run has {now!r}; {fix}"
+        forks = self._forks.problem(state.get("forks", {}))
+        if forks:
+            return forks
         if state["rng"].get("cuda") is not None and self._cuda_device is None:
             return "saved with a CUDA generator but this rank has no GPU; resume on a GPU machine"
         for name, loader in self._loaders.live().items():

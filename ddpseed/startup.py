@@ -13,19 +13,26 @@ import math
 import numbers
 import os
 import secrets
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import coordinator, rundir
+from .collective import exchange, ranks_text
 from .coordinator import Proposal, Source, path_id
 from .derivation import SCHEMES, Scheme, validate_seed
-from .errors import ArgumentError, DDPSeedError, StateError, shown
+from .errors import ArgumentError, DDPSeedError, SeedMismatchError, StateError, shown
 from .files import atomic_write_json
+from .mesh import MeshSpec, spec_of, spec_of_shape
 from .plan import DEFAULT_TIMEOUT, SeedPlan
 from .rundir import MANIFEST_FILE, SEED_FILE, Found, RunDir, SeedRecord
 from .seeding import enable_determinism, local_cuda_device, seed_process
-from .topology import detect
+from .topology import Topology, detect
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +198,63 @@ def _check_seconds(name: str, value: object, rank: int) -> None:
     )
 
 
+def _mesh_spec(
+    mesh: Any,
+    data_dims: str | Iterable[str] | None,
+    distinct_dims: str | Iterable[str] | None,
+    rank: int,
+    world_size: int,
+) -> tuple[MeshSpec | None, str]:
+    """This rank's mesh settings and the error they raise ("" if none), for the agreement."""
+    if mesh is None:
+        given = [
+            n
+            for n, v in (("data_dims", data_dims), ("distinct_dims", distinct_dims))
+            if v is not None
+        ]
+        if given:
+            return None, f"{' and '.join(given)} given without mesh=; pass the world DeviceMesh"
+        return None, ""
+    try:
+        if isinstance(mesh, Mapping) or not hasattr(mesh, "get_coordinate"):
+            return spec_of_shape(mesh, rank, world_size, data_dims, distinct_dims), ""
+        return spec_of(mesh, rank, world_size, data_dims, distinct_dims), ""
+    except DDPSeedError as exc:
+        return None, str(exc)
+
+
+def _refuse_other_meshes(spec: MeshSpec | None, topo: Topology, timeout: float) -> None:
+    """Every rank: raise with each rank's mesh settings (they differ; every rank is here)."""
+    mine = spec.describe() if spec is not None else "no mesh"
+    texts = exchange("mesh settings (ddpseed.setup)", (), mine, topo, timeout).messages
+    groups: dict[str, list[int]] = {}
+    for rank in range(topo.world_size):
+        groups.setdefault(texts.get(rank, "?"), []).append(rank)
+    raise SeedMismatchError(
+        "ranks were given different mesh settings; no rank was seeded:\n"
+        + "\n".join(f"  ranks {ranks_text(rs)}: {text}" for text, rs in groups.items())
+        + "\nfix: pass the same world mesh (init_device_mesh with the same shape and names), "
+        "data_dims= and distinct_dims= to setup() on every rank"
+    )
+
+
+def _device_mesh(mesh: Any, spec: MeshSpec | None, cuda_device: int | None) -> Any:
+    """The DeviceMesh of ``setup(mesh=...)``: the one given, or (for a mapping of sizes) one
+    made now, once every rank has agreed on it, over the process group ddpseed made.
+
+    Why make it here: a script that calls init_device_mesh before any process group exists gets
+    torch's env:// group, whose store keys collide with an earlier attempt's after a torchrun
+    restart (the restarted ranks dial the dead ranks' addresses)."""
+    if spec is None or hasattr(mesh, "get_coordinate"):
+        return mesh
+    if not torch.distributed.is_initialized():  # a world of one: nothing to lay out
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if cuda_device is not None else "cpu"
+    return init_device_mesh(device, spec.shape, mesh_dim_names=spec.names)
+
+
 def setup(
     seed: int | str | None = None,
     *,
@@ -200,6 +264,9 @@ def setup(
     run_dir: str | os.PathLike[str] | None = None,
     scheme: Scheme = "default",
     pg_timeout: float | None = None,
+    mesh: DeviceMesh | Mapping[str, int] | None = None,
+    data_dims: str | Iterable[str] | None = None,
+    distinct_dims: str | Iterable[str] | None = None,
 ) -> SeedPlan:
     """Agree on one base seed across the job and seed this rank; call it on every rank.
 
@@ -209,6 +276,14 @@ def setup(
     seconds. ``pg_timeout`` is the process group's own timeout for the training's collectives,
     in seconds: ``None`` leaves torch's default on a group ddpseed creates, and leaves a group
     the script made as it is.
+
+    ``mesh``: the job's world ``DeviceMesh`` with named dimensions (DP x TP x PP ...), or a
+    mapping of names to sizes (``{"dp": 2, "tp": 2}``) from which ddpseed makes it once every
+    rank agrees (``plan.device_mesh``; safe across torchrun restarts). The data
+    shard and worker seeds then follow the rank's coordinate over ``data_dims`` (default: the
+    names starting with "dp", and "fsdp"/"hsdp"), and the process streams are distinct along
+    ``distinct_dims`` (default: pp, ep and the data dims; shared along tp, cp); see
+    :mod:`ddpseed.mesh`. Every rank must pass the same settings.
     """
     topo = detect()
     _check_seconds("timeout", timeout, topo.rank)
@@ -236,6 +311,11 @@ def setup(
         proposal = dataclasses.replace(
             proposal, error=f"scheme={scheme!r} is not one of {SCHEMES}; fix the setup() call"
         )
+    spec, mesh_error = _mesh_spec(mesh, data_dims, distinct_dims, topo.rank, topo.world_size)
+    if spec is not None:
+        proposal = dataclasses.replace(proposal, mesh=spec.agreement_id())
+    if mesh_error and proposal.error is None:
+        proposal = dataclasses.replace(proposal, error=mesh_error, mesh_error=True)
     found: Found | None = None
     record_error = ""
     if topo.rank == 0 and proposal.error is None:
@@ -244,6 +324,8 @@ def setup(
         found.dir if found is not None else (where.path if where and where.explicit else None)
     )
     agreement = coordinator.agree(proposal, topo, timeout)
+    if agreement.mesh_differs:
+        _refuse_other_meshes(spec, topo, timeout)
     if topo.rank in agreement.other_run_dir:
         log.warning(
             "rank %d: run directory %s differs from rank 0's; only rank 0 reads and writes the "
@@ -269,9 +351,18 @@ def setup(
         deterministic=flags,
         run_dir=chosen_dir,
         timeout=timeout,
+        mesh=spec,
     )
     if agreement.record:
         _persist(plan, where, found, record_error, timeout)
+    plan.device_mesh = _device_mesh(mesh, spec, cuda_device)
+    if cuda_device is not None and getattr(plan.device_mesh, "device_type", "") == "cuda":
+        # DTensor's first random op would otherwise make its RNG tracker with run_state_sync,
+        # broadcasting rank 0's CUDA state over every rank's and erasing the policy's streams;
+        # manual_seed makes the tracker without that broadcast (and seeds with our seed).
+        from torch.distributed.tensor._random import manual_seed as dtensor_manual_seed
+
+        dtensor_manual_seed(plan.process_seed, plan.device_mesh)
     seed_process(plan.process_seed, cuda_device=cuda_device)
     log.info("%r from %s; %r", plan, plan.seed_source, topo)
     return plan
