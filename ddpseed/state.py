@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .collective import call_id, disagreement, exchange
-from .errors import AgreementError, StateError, first_line
+from .errors import AgreementError, ArgumentError, StateError, first_line
 from .files import atomic_write_bytes, atomic_write_json, open_regular
 
 if TYPE_CHECKING:
@@ -274,6 +274,14 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = 
     batch size: the interrupted epoch continues from the global position the old ranks
     reached, every unconsumed sample exactly once (see :mod:`ddpseed.elastic_load`).
     """
+    if elastic and plan.mesh is not None:
+        # Elastic resume re-derives each rank's streams from its rank alone, which would part
+        # the streams the mesh policy keeps identical (tp peers). The mesh is agreed, so every
+        # rank refuses here, before any collective.
+        raise ArgumentError(
+            f"rank {plan.rank}: load_state(elastic=True) does not support a device mesh yet "
+            f"(mesh {plan.mesh.describe()}); resume on the saved mesh without elastic=True"
+        )
     what = f"load_state({os.fspath(path)!r})"
     number, world, error = 0, 0, None
     if plan.rank == 0:

@@ -24,7 +24,7 @@ from ddpseed.errors import ArgumentError
 from ddpseed.mesh import MAX_RANKS, MeshSpec, parse_mesh, spec_of_shape
 from ddpseed.seeding import seed_process
 from ddpseed.topology import Topology
-from helpers.ranks import without_launcher
+from helpers.procs import without_launcher
 
 
 def every_rank(names: tuple[str, ...], shape: tuple[int, ...], **kw: object) -> list[MeshSpec]:
@@ -300,3 +300,19 @@ def test_setup_with_a_mesh_in_a_world_of_one_and_mesh_arguments_without_a_mesh(
         ddpseed.setup(seed=3, data_dims=("dp",))
     with pytest.raises(ArgumentError, match=r"mesh \(dp=2\) has 2 ranks but the job has 1"):
         ddpseed.setup(seed=3, mesh={"dp": 2})
+
+
+def test_an_elastic_resume_under_a_mesh_is_refused_not_reseeded_by_rank(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Elastic resume re-derives streams per rank; under a mesh that would part tp peers.
+    for name in set(os.environ) - set(without_launcher(os.environ)):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    plan = ddpseed.setup(seed=3, mesh={"dp": 1, "tp": 1})
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    before = plan.state_dict()
+    with pytest.raises(ArgumentError, match=r"elastic=True\) does not support a device mesh"):
+        ddpseed.load_state(tmp_path / "rng.pt", plan, elastic=True)
+    assert plan.state_dict().keys() == before.keys()
+    ddpseed.load_state(tmp_path / "rng.pt", plan)  # the exact resume still works

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from ddpseed import meshcli
-from helpers.ranks import REPO, parse_verify, run_ranks, torchrun
+from helpers.procs import REPO
+from helpers.ranks import parse_verify, run_ranks, torchrun
 
 SCRIPT = REPO / "tests" / "helpers" / "mesh_rank.py"
 DATA_LEN = 40
