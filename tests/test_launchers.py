@@ -287,12 +287,12 @@ def test_every_variable_read_is_in_the_one_list(env: Mapping[str, str]) -> None:
 
 
 def test_the_list_is_what_the_bench_and_tests_strip() -> None:
-    from ddpseed import bench
+    from ddpseed import measure
     from helpers import ranks
 
     assert ranks.LAUNCHER_VARIABLES is LAUNCHER_VARIABLES
-    assert bench.LAUNCHER_VARIABLES is LAUNCHER_VARIABLES
-    child = bench._child_env()
+    assert measure.LAUNCHER_VARIABLES is LAUNCHER_VARIABLES
+    child = measure.child_env()
     assert not set(child) & LAUNCHER_VARIABLES
 
 

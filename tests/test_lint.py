@@ -22,7 +22,11 @@ def test_ruff_clean() -> None:
     if shutil.which("ruff") is None:
         pytest.fail("ruff is part of the test extras: pip install -e '.[test]'")
     proc = subprocess.run(
-        ["ruff", "check", "ddpseed", "tests"], cwd=REPO, capture_output=True, text=True, timeout=120
+        ["ruff", "check", "ddpseed", "benchmarks", "tests"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-5000:]
 
