@@ -48,8 +48,15 @@ CONTRACT = {
     "num_workers": "num_workers",
     "num_replicas": "shards (ranks)",
     "shard_length": "shard length",
+    "sample_order": "sample order",
 }
+# States saved before a field existed read as this value: torch's order (sample order 0).
+_LEGACY = {"sample_order": 0}
 _FIXES = {
+    "sample_order": "a position only means something in the order it was saved in (0: torch's "
+    "DistributedSampler order, assumed for states that do not record one; 2 and up: "
+    "ScalableDistributedSampler's order, ddpseed.permutation.ORDER_VERSION); resume with the "
+    "saved sampler and the ddpseed release that saved it",
     "num_workers": "per-batch worker seeds depend on the number of workers, so the resumed "
     "batches would differ; resume with the saved num_workers",
     "num_replicas": "resume with the saved number of ranks",
@@ -201,6 +208,7 @@ class SeededDataLoader(DataLoader[Any]):
             "num_workers": self.num_workers,
             "num_replicas": int(self.sampler.num_replicas),  # type: ignore[attr-defined]
             "shard_length": len(self.sampler),  # type: ignore[arg-type]
+            "sample_order": int(getattr(self.sampler, "sample_order", 0)),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -217,15 +225,16 @@ class SeededDataLoader(DataLoader[Any]):
     def mismatch(self, state: dict[str, Any]) -> str:
         """Why ``state`` cannot continue this loader ('' if it can); changes nothing."""
         keys = ("epoch", "position", "finished", *CONTRACT)
-        if not isinstance(state, dict) or any(k not in state for k in keys):
+        if not isinstance(state, dict) or any(k not in state and k not in _LEGACY for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             return f"loader {self.name!r}: {found} is not a ddpseed loader state"
         now = self.contract()
         for key, label in CONTRACT.items():
-            if state[key] != now[key]:
+            saved = state.get(key, _LEGACY.get(key))
+            if saved != now[key]:
                 fix = _FIXES.get(key, "resume with the same dataset and loader arguments")
                 return (
-                    f"loader {self.name!r} was saved with {label} {state[key]} but is now "
+                    f"loader {self.name!r} was saved with {label} {saved} but is now "
                     f"{label} {now[key]}; {fix}"
                 )
         if not (isinstance(state["epoch"], int) and state["epoch"] >= 0) or not (
