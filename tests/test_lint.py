@@ -51,3 +51,16 @@ def _modules_with_examples() -> list[str]:
 def test_docstring_examples_run(name: str) -> None:
     result = doctest.testmod(importlib.import_module(f"ddpseed.{name}"))
     assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_readme_layout_names_every_module_and_top_level_folder() -> None:
+    text = (REPO / "README.md").read_text()
+    layout = text[text.index("## Layout") :]
+    modules = {p.stem for p in (REPO / "ddpseed").glob("*.py")} - {"__init__", "__main__"}
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()
+    folders = {path.split("/")[0] for path in tracked if "/" in path}
+    missing = {m for m in modules if f"`{m}`" not in layout}
+    missing |= {f for f in folders if f"`{f}/`" not in layout}
+    assert not missing, f"README's Layout does not name {sorted(missing)}"
