@@ -9,6 +9,7 @@ table (the records ``setup`` itself sent, their size read from its own calls), a
 
 from __future__ import annotations
 
+import datetime
 import os
 import statistics
 import time
@@ -78,7 +79,13 @@ def setup_child(repeats: int) -> Result | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = f"file://{os.environ[measure.STORE]}"
     start = time.perf_counter()
-    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=store,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=measure.CHILD_TIMEOUT),  # every collective bounded
+    )
     init = time.perf_counter() - start
     log = CollectiveLog(dist)
     record = torch.zeros(0, dtype=torch.int64)
