@@ -54,6 +54,7 @@ CONTRACT = {
     "num_replicas": "shards (ranks)",
     "shard_length": "shard length",
     "randomness": "randomness (0 'batch', 1 'sample')",
+    "sample_order": "sample order",
 }
 _ELASTIC = (
     "; or pass elastic=True to ddpseed.load_state to continue the epoch from the saved global "
@@ -61,7 +62,13 @@ _ELASTIC = (
 )
 # What an elastic resume may change: the world, the per-rank batch and the workers.
 ELASTIC_FREE = frozenset({"batch_size", "num_workers", "num_replicas", "shard_length"})
+# States saved before a field existed read as this value: torch's order (sample order 0).
+_LEGACY = {"sample_order": 0}
 _FIXES = {
+    "sample_order": "a position only means something in the order it was saved in (0: torch's "
+    "DistributedSampler order, assumed for states that do not record one; 2 and up: "
+    "ScalableDistributedSampler's order, ddpseed.permutation.ORDER_VERSION); resume with the "
+    "saved sampler and the ddpseed release that saved it",
     "num_workers": "per-batch worker seeds depend on the number of workers, so the resumed "
     "batches would differ; resume with the saved num_workers" + _ELASTIC,
     "num_replicas": "resume with the saved number of ranks" + _ELASTIC,
@@ -226,6 +233,7 @@ class SeededDataLoader(DataLoader[Any]):
             "num_replicas": int(self.sampler.num_replicas),  # type: ignore[attr-defined]
             "shard_length": len(self.sampler),  # type: ignore[arg-type]
             "randomness": RANDOMNESS.index(self.randomness),
+            "sample_order": int(getattr(self.sampler, "sample_order", 0)),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,7 +268,7 @@ class SeededDataLoader(DataLoader[Any]):
     def mismatch(self, state: dict[str, Any]) -> str:
         """Why ``state`` cannot continue this loader ('' if it can); changes nothing."""
         keys = ("epoch", "position", "finished", "origin", "global_position", *CONTRACT)
-        if not isinstance(state, dict) or any(k not in state for k in keys):
+        if not isinstance(state, dict) or any(k not in state and k not in _LEGACY for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             return f"loader {self.name!r}: {found} is not a ddpseed loader state"
         now = self.contract()
@@ -270,10 +278,11 @@ class SeededDataLoader(DataLoader[Any]):
         now["shard_length"] = self.sampler.length_at(state["origin"])  # type: ignore[attr-defined]
         free = ELASTIC_FREE if state.get("elastic") else frozenset()
         for key, label in CONTRACT.items():
-            if key not in free and state[key] != now[key]:
+            saved = state.get(key, _LEGACY.get(key))
+            if key not in free and saved != now[key]:
                 fix = _FIXES.get(key, "resume with the same dataset and loader arguments")
                 return (
-                    f"loader {self.name!r} was saved with {label} {state[key]} but is now "
+                    f"loader {self.name!r} was saved with {label} {saved} but is now "
                     f"{label} {now[key]}; {fix}"
                 )
         origin, position = self._placement(state)

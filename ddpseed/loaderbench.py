@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from . import paired
+from . import measure, paired
+from .measure import fmt_ratio, out
 
 BATCH = 64
 SEED = 1234
@@ -36,6 +37,7 @@ CASES = (
     ("1 ms", 1.0, 0, 300),
     ("1 ms", 1.0, 2, 600),
 )
+QUICK_FLOOR = 256  # quick runs shrink the passes, to no fewer samples than this
 
 
 # The sample-keyed cases: (dataset, cost, workers, samples per pass), as in CASES.
@@ -132,11 +134,6 @@ def summarize(name: str, cost_ms: float, workers: int, n: int, child: dict[str, 
     }
 
 
-def ratio_text(ratio: dict[str, Any]) -> str:
-    lo, hi = ratio["ci"]
-    return f"{ratio['median']:.3f}x [{lo:.3f}-{hi:.3f}]"
-
-
 HEADER = (
     f"{'dataset':<9}{'workers':>8}{'N':>8}{'rounds':>8}{'torch samples/s':>17}  "
     f"{'plan.dataloader / torch':<26}A/A torch / torch"
@@ -152,6 +149,36 @@ SAMPLE_HEADER = (
 def row(r: dict[str, Any]) -> str:
     return (
         f"{r['dataset']:<9}{r['workers']:>8}{r['n']:>8}{r['rounds']:>8}"
-        f"{r['torch_samples_per_s']:>17,.0f}  {ratio_text(r['seeded']):<26}"
-        f"{ratio_text(r['torch_again'])}"
+        f"{r['torch_samples_per_s']:>17,.0f}  {fmt_ratio(r['seeded']):<26}"
+        f"{fmt_ratio(r['torch_again'])}"
     )
+
+
+def loader_section(seconds: float, quick: bool) -> list[dict[str, Any]]:
+    out()
+    out("== plan.dataloader vs torch's DataLoader + DistributedSampler, paired in one process ==")
+    out(f"   shuffled, batch {BATCH}, rank 0 of 1; torch, plan.dataloader and torch")
+    out("   again, one epoch each per round, cycling through every order, for")
+    out(f"   ~{seconds:.0f} s per case; figures: median per-round samples/s ratio to torch")
+    out("   [95% CI of the median]; A/A: this run's noise floor")
+    out(HEADER)
+    return _rows(CASES, seconds, quick)
+
+
+def sample_section(seconds: float, quick: bool) -> list[dict[str, Any]]:
+    out()
+    out("== plan.dataloader(randomness='sample') vs randomness='batch', paired in one process ==")
+    out(SAMPLE_HEADER)
+    return _rows(SAMPLE_CASES, seconds, quick, "batch")
+
+
+def _rows(cases: Any, seconds: float, quick: bool, *versus: str) -> list[dict[str, Any]]:
+    results = []
+    for name, cost, workers, n in cases:
+        n = max(QUICK_FLOOR, n // 20) if quick else n
+        child = measure.run_child(
+            ["loader", cost, workers, n, seconds, *versus], 3 * seconds + measure.CHILD_TIMEOUT
+        )
+        results.append(summarize(name, cost, workers, n, child))
+        out(row(results[-1]))
+    return results

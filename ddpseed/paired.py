@@ -1,11 +1,11 @@
-"""Paired timing of torch's sampler against ddpseed's twin in one warm interpreter.
+"""Paired timing: torch's class against ddpseed's, alternated in one warm interpreter.
 
 On a shared VM identical code runs 10-30% apart from one run to the next, so a handful of runs
-cannot tell a 5% difference. This section alternates torch / ddpseed / torch again in rounds
-(every order in turn) inside one process, for as many rounds as a time budget allows, and
-reports the median of the per-round ratios with a distribution-free 95% confidence interval.
-The second torch arm is an A/A control: its interval shows the noise floor of the same run and
-should contain 1.
+cannot tell a 5% difference. The paired sections alternate their arms (torch, ddpseed's, torch
+again) in rounds, every order in turn, inside one process, for as many rounds as a time budget
+allows, and report the median of the per-round ratios with a distribution-free 95% confidence
+interval. The second torch arm is an A/A control: its interval shows the noise floor of the
+same run and should contain 1.
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-# Arms of a round: the baseline, the sampler under test, the baseline again (A/A control).
-ARMS = ("torch", "seeded", "torch_again")
 MIN_ROUNDS = 6  # one full cycle of the orders of three arms
 MAX_ROUNDS = 600
-BAND = 0.05
 Interval = tuple[float, float]
 
 
@@ -42,20 +39,6 @@ def median_ci(values: Sequence[float]) -> Interval:
     lo = max(0, math.floor(k / 2 - half) - 1)
     hi = min(k - 1, math.ceil(k / 2 + half))
     return xs[lo], xs[hi]
-
-
-def verdict(intervals: Sequence[Interval], band: float = BAND) -> str:
-    """``OK`` if every interval lies inside ``1 +- band``, ``MISSED`` if one lies wholly
-    outside it, else ``UNRESOLVED`` (the noise is wider than the band).
-
-    >>> verdict([(0.98, 1.03)]), verdict([(1.06, 1.2)]), verdict([(0.9, 1.02)])
-    ('OK', 'MISSED', 'UNRESOLVED')
-    """
-    if any(hi < 1 - band or lo > 1 + band for lo, hi in intervals):
-        return "MISSED"
-    if all(1 - band <= lo and hi <= 1 + band for lo, hi in intervals):
-        return "OK"
-    return "UNRESOLVED"
 
 
 def one_pass(make: Callable[[], Any]) -> tuple[float, float]:
@@ -92,17 +75,24 @@ def run_rounds(makers: Mapping[str, Callable[[], Any]], seconds: float) -> dict[
     return {"rounds": rounds, "runs": runs}
 
 
+# A pass's figures from its (time to first index, time to exhaust).
+FIGURES: dict[str, Callable[[Sequence[float]], float]] = {
+    "first_s": lambda run: run[0],
+    "ns_per_index": lambda run: run[1],
+    "after_first": lambda run: run[1] - run[0],
+}
+
+
 def ratios(runs: dict[str, Any], arm: str, base: str = "torch") -> dict[str, dict[str, Any]]:
-    """Median and 95% CI of ``arm / base`` per round, for the first index and the whole pass.
+    """Median and 95% CI of ``arm / base`` per round: time to the first index, the whole pass,
+    and the pass after the first index.
 
     >>> r = ratios({"a": [(2, 4)] * 6, "torch": [(1, 4)] * 6}, "a")
-    >>> r["first_s"]["median"], r["ns_per_index"]["ci"]
-    (2.0, (1.0, 1.0))
+    >>> r["first_s"]["median"], r["ns_per_index"]["ci"], r["after_first"]["median"]
+    (2.0, (1.0, 1.0), 0.6666666666666666)
     """
     result = {}
-    for figure, column in (("first_s", 0), ("ns_per_index", 1)):
-        per_round = [
-            a[column] / max(b[column], 1e-12) for a, b in zip(runs[arm], runs[base], strict=True)
-        ]
+    for figure, of in FIGURES.items():
+        per_round = [of(a) / max(of(b), 1e-12) for a, b in zip(runs[arm], runs[base], strict=True)]
         result[figure] = {"median": statistics.median(per_round), "ci": median_ci(per_round)}
     return result

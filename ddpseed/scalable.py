@@ -29,7 +29,7 @@ from torch.utils.data import Sampler
 
 from .derivation import validate_seed
 from .errors import DDPSeedError
-from .permutation import DEFAULT_ROUNDS, MAX_N, FeistelPermutation
+from .permutation import DEFAULT_ROUNDS, MAX_N, NARROW_N, ORDER_VERSION, FeistelPermutation
 from .sampler import ResumableSampler
 
 # Chunks grow from _FIRST_CHUNK to _CHUNK positions: a quick first index, then a steady rate.
@@ -85,6 +85,9 @@ class ScalableDistributedSampler(ResumableSampler, Sampler[int]):
     >>> len(both), sorted(set(both))  # every item once, plus one padded repeat
     (6, [0, 1, 2, 3, 4])
     """
+
+    # Which order a saved position refers to (a loader's state records it; torch's is 0).
+    sample_order = ORDER_VERSION
 
     def __init__(
         self,
@@ -143,12 +146,16 @@ class ScalableDistributedSampler(ResumableSampler, Sampler[int]):
         """Dataset indices of shard positions ``[start, stop)``."""
         first = self.origin + self.rank + start * self.num_replicas
         last = first + (stop - 1 - start) * self.num_replicas
-        sources = np.arange(stop - start, dtype=np.uint64)
-        sources *= np.uint64(self.num_replicas)
-        sources += np.uint64(first)
-        if last >= self.num_items:  # padding: positions past N repeat the head of the order
-            sources %= np.uint64(self.num_items)
-        return (sources if perm is None else perm(sources)).tolist()  # type: ignore[no-any-return]
+        # Positions past N repeat the head of the order (padding); 32-bit words where they fit.
+        dtype = np.uint32 if last < NARROW_N else np.uint64
+        sources = np.arange(stop - start, dtype=dtype)
+        sources *= dtype(self.num_replicas)
+        sources += dtype(first)
+        if last >= self.num_items:
+            sources %= dtype(self.num_items)
+        if perm is None:
+            return sources.tolist()  # type: ignore[no-any-return]
+        return perm.permute(sources.astype(perm.dtype, copy=False)).tolist()  # type: ignore[no-any-return]
 
     def _chunks(self, perm: FeistelPermutation | None, start: int) -> Iterator[list[int]]:
         size = _FIRST_CHUNK

@@ -286,13 +286,13 @@ def test_every_variable_read_is_in_the_one_list(env: Mapping[str, str]) -> None:
 
 
 def test_the_list_is_what_the_bench_and_tests_strip() -> None:
-    from ddpseed import bench
+    from ddpseed import measure
     from helpers import procs
 
     assert LAUNCHER_VARIABLES <= procs.DROPPED
     assert not set(procs.clean_env()) & LAUNCHER_VARIABLES
-    assert bench.LAUNCHER_VARIABLES is LAUNCHER_VARIABLES
-    child = bench._child_env()
+    assert measure.LAUNCHER_VARIABLES is LAUNCHER_VARIABLES
+    child = measure.child_env()
     assert not set(child) & LAUNCHER_VARIABLES
 
 

@@ -20,7 +20,11 @@ def test_ruff_clean() -> None:
     if shutil.which("ruff") is None:
         pytest.fail("ruff is part of the test extras: pip install -e '.[test]'")
     proc = subprocess.run(
-        ["ruff", "check", "ddpseed", "tests"], cwd=REPO, capture_output=True, text=True, timeout=120
+        ["ruff", "check", "ddpseed", "benchmarks", "tests"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-5000:]
 
@@ -51,3 +55,16 @@ def _modules_with_examples() -> list[str]:
 def test_docstring_examples_run(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_readme_layout_names_every_module_and_top_level_folder() -> None:
+    text = (REPO / "README.md").read_text()
+    layout = text[text.index("## Layout") :]
+    modules = {p.stem for p in (REPO / "ddpseed").glob("*.py")} - {"__init__", "__main__"}
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()
+    folders = {path.split("/")[0] for path in tracked if "/" in path}
+    missing = {m for m in modules if f"`{m}`" not in layout}
+    missing |= {f for f in folders if f"`{f}/`" not in layout}
+    assert not missing, f"README's Layout does not name {sorted(missing)}"

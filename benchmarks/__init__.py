@@ -1,0 +1,1 @@
+"""The project's own benchmark harness (not part of the ddpseed package)."""
