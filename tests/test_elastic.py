@@ -86,6 +86,28 @@ def test_one_two_and_four_ranks_consume_identical_global_steps(
         assert weights[world] == pytest.approx(weights[1], rel=1e-12, abs=1e-12)
 
 
+def test_three_ranks_consume_the_global_steps_of_one_with_global_batch_12(tmp_path: Path) -> None:
+    """3 ranks need a global batch 3 divides: 12 over N=96 (no padding), two epochs, workers
+    2 on the single rank and 1 on each of the three."""
+    runs = {
+        world: steps(
+            run(
+                tmp_path,
+                f"world{world}",
+                world,
+                DATA_LEN=96,
+                BATCH=12 // world,
+                WORKERS=workers,
+                EPOCHS=2,
+            ),
+            global_batch=12,
+        )
+        for world, workers in ((1, 2), (3, 1))
+    }
+    assert len(runs[1]) == 2 * 8
+    assert runs[3] == runs[1]
+
+
 def epoch_order(n: int, epoch: int) -> list[int]:
     """The epoch's global order (torch's permutation; one rank takes every position)."""
     sampler = ddpseed.SeededDistributedSampler(range(n), num_replicas=1, rank=0, seed=SEED)
