@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .plan import SeedPlan
 
 FORMAT = "ddpseed.state/3"
-COMMIT_FORMAT = "ddpseed.checkpoint/1"
+COMMIT_FORMAT = "ddpseed.checkpoint/2"  # /2: the record names the world size that saved
 
 
 def digest(value: Any) -> str:

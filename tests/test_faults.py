@@ -224,6 +224,13 @@ def test_state_from_another_world_size_is_refused(tmp_path: Path) -> None:
     path = _saved(tmp_path)
     shutil.copy(tmp_path / "rng.rank0.1.pt", tmp_path / "rng.rank2.1.pt")
     results = run(3, "load", env={"DDPSEED_SEED": "4", "FAULT_STATE": str(path)})
+    # The commit record names the saving world: refused before any rank file is read.
+    assert_every_live_rank_failed(results, "save 1 was written by 2 ranks but this job has 3")
+    assert_every_live_rank_failed(results, "or pass elastic=True to ddpseed.load_state")
+    # A record edited to claim 3 ranks: the rank files themselves still say 2.
+    record = path.with_name("rng.commit.json")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "world_size": 3}))
+    results = run(3, "load", env={"DDPSEED_SEED": "4", "FAULT_STATE": str(path)})
     assert_every_live_rank_failed(results, "saved with world size 2 but this run has 3")
 
 

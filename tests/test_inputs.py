@@ -297,7 +297,7 @@ def test_fifo_at_a_checkpoint_path_is_refused_without_opening_it(tmp_path: Path,
         fifo = commit_path(tmp_path / "rng.pt")
     else:
         commit_path(tmp_path / "rng.pt").write_text(
-            json.dumps({"format": COMMIT_FORMAT, "save": 1})
+            json.dumps({"format": COMMIT_FORMAT, "save": 1, "world_size": 1})
         )
         fifo = state_path(tmp_path / "rng.pt", 0, 1)
     os.mkfifo(fifo)
@@ -361,7 +361,9 @@ def test_load_failures_carry_one_rank_prefix_in_one_process(tmp_path: Path) -> N
 
 def test_load_failures_carry_one_rank_prefix_on_every_rank(tmp_path: Path) -> None:
     # A commit record naming save 1 whose rank files are missing: every rank fails to read.
-    commit_path(tmp_path / "x.pt").write_text(json.dumps({"format": COMMIT_FORMAT, "save": 1}))
+    commit_path(tmp_path / "x.pt").write_text(
+        json.dumps({"format": COMMIT_FORMAT, "save": 1, "world_size": 2})
+    )
     results = run(
         2, env={**setup_env(seed=1, timeout=TIMEOUT), "INPUT_LOAD": str(tmp_path / "x.pt")}
     )
