@@ -116,20 +116,18 @@ def sampler_targets(results: list[Result], warm: Sequence[Result] = ()) -> list[
 
 def loader_targets(results: list[Result]) -> list[str]:
     """``plan.dataloader`` keeps at least 97% of torch's throughput, per case."""
-    return [
-        f"plan.dataloader >= {LOADER_FLOOR}x torch's samples/s ({r['dataset']}, "
-        f"{r['workers']} workers, {r['rounds']} rounds): {fmt_ratio(r['seeded'])} "
-        f"{verdict([r['seeded']['ci']], LOADER_FLOOR)}"
-        for r in results
-    ]
+    return _floor_targets(results, "plan.dataloader", "torch's", LOADER_FLOOR)
 
 
 def sample_targets(results: list[Result]) -> list[str]:
     """``randomness="sample"`` keeps at least 95% of ``randomness="batch"``'s throughput."""
+    return _floor_targets(results, "randomness='sample'", "'batch'", SAMPLE_FLOOR)
+
+
+def _floor_targets(results: list[Result], arm: str, base: str, floor: float) -> list[str]:
     return [
-        f"randomness='sample' >= {SAMPLE_FLOOR}x 'batch' samples/s ({r['dataset']}, "
-        f"{r['workers']} workers, {r['rounds']} rounds): {fmt_ratio(r['seeded'])} "
-        f"{verdict([r['seeded']['ci']], SAMPLE_FLOOR)}"
+        f"{arm} >= {floor}x {base} samples/s ({r['dataset']}, {r['workers']} workers, "
+        f"{r['rounds']} rounds): {fmt_ratio(r['seeded'])} {verdict([r['seeded']['ci']], floor)}"
         for r in results
     ]
 

@@ -51,27 +51,35 @@ def steps(out: Path, global_batch: int = GLOBAL_BATCH) -> Steps:
     return {key: sorted(items) for key, items in sorted(found.items())}
 
 
+def per_world(
+    tmp: Path, workers_of: dict[int, int], global_batch: int, **settings: Any
+) -> dict[int, Steps]:
+    """Each world's global steps over the same data, global batch and settings (two epochs);
+    ``workers_of`` maps a world size to its DataLoader workers per rank."""
+    return {
+        world: steps(
+            run(
+                tmp,
+                f"world{world}",
+                world,
+                BATCH=global_batch // world,
+                WORKERS=workers,
+                EPOCHS=2,
+                **settings,
+            ),
+            global_batch,
+        )
+        for world, workers in workers_of.items()
+    }
+
+
 @pytest.mark.parametrize("scalable", [0, 1], ids=["torch-order", "scalable"])
 def test_one_two_and_four_ranks_consume_identical_global_steps(
     tmp_path: Path, scalable: int
 ) -> None:
     """N=100 (divisible by 1, 2 and 4: no padding), global batch 16, two epochs; the worker
     counts differ on purpose (2, 0, 1)."""
-    runs = {
-        world: steps(
-            run(
-                tmp_path,
-                f"world{world}",
-                world,
-                DATA_LEN=100,
-                BATCH=GLOBAL_BATCH // world,
-                WORKERS=workers,
-                EPOCHS=2,
-                SCALABLE=scalable,
-            )
-        )
-        for world, workers in ((1, 2), (2, 0), (4, 1))
-    }
+    runs = per_world(tmp_path, {1: 2, 2: 0, 4: 1}, GLOBAL_BATCH, DATA_LEN=100, SCALABLE=scalable)
     assert len(runs[1]) == 2 * 7  # ceil(100 / 16) steps per epoch
     assert sorted(i[0] for k, items in runs[1].items() if k[0] == 0 for i in items) == [
         float(i) for i in range(100)
@@ -89,21 +97,7 @@ def test_one_two_and_four_ranks_consume_identical_global_steps(
 def test_three_ranks_consume_the_global_steps_of_one_with_global_batch_12(tmp_path: Path) -> None:
     """3 ranks need a global batch 3 divides: 12 over N=96 (no padding), two epochs, workers
     2 on the single rank and 1 on each of the three."""
-    runs = {
-        world: steps(
-            run(
-                tmp_path,
-                f"world{world}",
-                world,
-                DATA_LEN=96,
-                BATCH=12 // world,
-                WORKERS=workers,
-                EPOCHS=2,
-            ),
-            global_batch=12,
-        )
-        for world, workers in ((1, 2), (3, 1))
-    }
+    runs = per_world(tmp_path, {1: 2, 3: 1}, 12, DATA_LEN=96)
     assert len(runs[1]) == 2 * 8
     assert runs[3] == runs[1]
 

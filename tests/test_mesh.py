@@ -286,12 +286,18 @@ def test_plan_mesh_prints_every_coordinate_and_no_collisions(
     assert "has 8 ranks" in capsys.readouterr().err
 
 
-def test_setup_with_a_mesh_in_a_world_of_one_and_mesh_arguments_without_a_mesh(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+@pytest.fixture
+def alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """This process as a job of one: no launcher variables, its run records under tmp_path."""
     for name in set(os.environ) - set(without_launcher(os.environ)):
         monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_setup_with_a_mesh_in_a_world_of_one_and_mesh_arguments_without_a_mesh(
+    alone: Path,
+) -> None:
     plan = ddpseed.setup(seed=3, mesh={"dp": 1, "tp": 1})
     assert (plan.data_rank, plan.data_world_size, plan.device_mesh) == (0, 1, None)
     assert plan.process_seed == MeshSpec.build(("dp", "tp"), (1, 1), (0, 0)).seed(3)
@@ -302,13 +308,9 @@ def test_setup_with_a_mesh_in_a_world_of_one_and_mesh_arguments_without_a_mesh(
         ddpseed.setup(seed=3, mesh={"dp": 2})
 
 
-def test_an_elastic_resume_under_a_mesh_is_refused_not_reseeded_by_rank(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_an_elastic_resume_under_a_mesh_is_refused_not_reseeded_by_rank(alone: Path) -> None:
     # Elastic resume re-derives streams per rank; under a mesh that would part tp peers.
-    for name in set(os.environ) - set(without_launcher(os.environ)):
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tmp_path = alone
     plan = ddpseed.setup(seed=3, mesh={"dp": 1, "tp": 1})
     ddpseed.save_state(tmp_path / "rng.pt", plan)
     before = plan.state_dict()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..errors import TopologyError
 from ..hostlist import expand_hostlist
@@ -75,6 +75,19 @@ class MpiEnvironment(LauncherEnvironment):
     size_var: ClassVar[str]
     local_rank_vars: ClassVar[tuple[str, ...]]
     local_size_vars: ClassVar[tuple[str, ...]]
+    also_reads: ClassVar[tuple[str, ...]] = ()  # job id, hosts, node count, MASTER_*
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The four topology variables are named once, above; ``variables`` (what
+        # LAUNCHER_VARIABLES collects, rank/size/local rank first for ``why``) follows them.
+        cls.variables = (
+            cls.rank_var,
+            cls.size_var,
+            *cls.local_rank_vars,
+            *cls.local_size_vars,
+            *cls.also_reads,
+        )
 
     def activated(self) -> bool:
         return self.rank_var in self.env
@@ -142,10 +155,9 @@ class OpenMpiEnvironment(MpiEnvironment):
     size_var = "OMPI_COMM_WORLD_SIZE"
     local_rank_vars = ("OMPI_COMM_WORLD_LOCAL_RANK",)
     local_size_vars = ("OMPI_COMM_WORLD_LOCAL_SIZE",)
-    variables = (
-        *("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-        *("OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_MCA_ess_base_jobid", "OMPI_MCA_orte_num_nodes"),
-        *("PMIX_NAMESPACE", "MASTER_ADDR", "MASTER_PORT", *ALLOCATION_VARIABLES),
+    also_reads = (
+        *("OMPI_MCA_ess_base_jobid", "OMPI_MCA_orte_num_nodes", "PMIX_NAMESPACE"),
+        *("MASTER_ADDR", "MASTER_PORT", *ALLOCATION_VARIABLES),
     )
 
     def job(self, local_world: int, world: int) -> str | None:
@@ -168,10 +180,7 @@ class MvapichEnvironment(MpiEnvironment):
     size_var = "MV2_COMM_WORLD_SIZE"
     local_rank_vars = ("MV2_COMM_WORLD_LOCAL_RANK",)
     local_size_vars = ("MV2_COMM_WORLD_LOCAL_SIZE",)
-    variables = (
-        *("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"),
-        *("MV2_COMM_WORLD_LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", *ALLOCATION_VARIABLES),
-    )
+    also_reads = ("MASTER_ADDR", "MASTER_PORT", *ALLOCATION_VARIABLES)
 
     def job(self, local_world: int, world: int) -> str | None:
         pid = ancestor_pid(("mpispawn",)) if local_world == world else None
@@ -196,10 +205,7 @@ class MpichEnvironment(MpiEnvironment):
     size_var = "PMI_SIZE"
     local_rank_vars = ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")
     local_size_vars = ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
-    variables = (
-        *("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "MPI_LOCALNRANKS"),
-        *("PMI_LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", *ALLOCATION_VARIABLES),
-    )
+    also_reads = ("MASTER_ADDR", "MASTER_PORT", *ALLOCATION_VARIABLES)
 
     def activated(self) -> bool:
         env = self.env

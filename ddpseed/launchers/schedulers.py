@@ -26,11 +26,7 @@ class JsrunEnvironment(MpiEnvironment):
     size_var = "JSM_NAMESPACE_SIZE"
     local_rank_vars = ("JSM_NAMESPACE_LOCAL_RANK",)
     local_size_vars = ("JSM_NAMESPACE_LOCAL_SIZE",)
-    variables = (
-        *("JSM_NAMESPACE_RANK", "JSM_NAMESPACE_SIZE", "JSM_NAMESPACE_LOCAL_RANK"),
-        *("JSM_NAMESPACE_LOCAL_SIZE", "LSB_JOBID", "LSB_MCPU_HOSTS", "LSB_HOSTS"),
-        *("MASTER_ADDR", "MASTER_PORT"),
-    )
+    also_reads = ("LSB_JOBID", "LSB_MCPU_HOSTS", "LSB_HOSTS", "MASTER_ADDR", "MASTER_PORT")
 
     def hosts(self) -> list[str]:
         hosts = lsf_hosts(self.env)
@@ -59,10 +55,8 @@ class PalsEnvironment(MpiEnvironment):
     size_var = "PMI_SIZE"
     local_rank_vars = ("PALS_LOCAL_RANKID", "PMI_LOCAL_RANK")
     local_size_vars = ("PALS_LOCAL_SIZE", "PMI_LOCAL_SIZE")
-    variables = (
-        *("PALS_RANKID", "PMI_SIZE", "PALS_LOCAL_RANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_SIZE"),
-        *("PMI_LOCAL_SIZE", "PALS_NODEID", "PALS_APID", "PBS_JOBID", "PBS_NODEFILE"),
-        *("MASTER_ADDR", "MASTER_PORT"),
+    also_reads = (
+        *("PALS_NODEID", "PALS_APID", "PBS_JOBID", "PBS_NODEFILE", "MASTER_ADDR", "MASTER_PORT"),
     )
 
     def hosts(self) -> list[str]:
