@@ -313,8 +313,12 @@ def test_an_elastic_resume_under_a_mesh_is_refused_not_reseeded_by_rank(alone: P
     tmp_path = alone
     plan = ddpseed.setup(seed=3, mesh={"dp": 1, "tp": 1})
     ddpseed.save_state(tmp_path / "rng.pt", plan)
-    before = plan.state_dict()
+    plan.set_epoch(2)
+    torch.rand(3)  # move the stream past the saved state
+    before = (plan.epoch, torch.get_rng_state(), random.getstate(), np.random.get_state()[1])
     with pytest.raises(ArgumentError, match=r"elastic=True\) does not support a device mesh"):
         ddpseed.load_state(tmp_path / "rng.pt", plan, elastic=True)
-    assert plan.state_dict().keys() == before.keys()
+    after = (plan.epoch, torch.get_rng_state(), random.getstate(), np.random.get_state()[1])
+    assert after[0] == before[0] and after[2] == before[2]  # nothing was restored or reseeded
+    assert torch.equal(after[1], before[1]) and (after[3] == before[3]).all()
     ddpseed.load_state(tmp_path / "rng.pt", plan)  # the exact resume still works
