@@ -197,3 +197,19 @@ def test_old_ranks_at_different_global_positions_are_refused_naming_them(
         "old ranks 0,2-3: epoch 0, loader 'train' at global position 32 of epoch 0",
         "old ranks 1: epoch 0, loader 'train' at global position 48 of epoch 0",
     )
+
+
+def test_a_torn_old_file_stops_every_new_rank_of_an_elastic_resume(tmp_path: Path) -> None:
+    """Old rank 3's file is cut in half: new rank 0 (which verifies old files 0 and 3 of the
+    4) reports it, and every new rank stops with nothing restored."""
+    env = {"STATE": str(tmp_path / "rng.pt")}
+    assert_all_ok(run_case(4, "steps:2,save", env=env))
+    victim = tmp_path / "rng.rank3.1.pt"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    assert_all_failed(
+        run_case(3, "loader,load-elastic", env=env),
+        "StateError",
+        "rank3.1.pt",
+        "nothing was restored",
+    )
