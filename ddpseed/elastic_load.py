@@ -21,6 +21,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .collective import exchange, ranks_text
+from .compat import RUN, identity_problem
 from .elastic import resume_seed
 from .errors import AgreementError, StateError
 from .seeding import capture_rngs, restore_rngs, seed_process
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world: int) -> None:
     """Restore save ``save`` of ``path``, written by ``world`` ranks, onto ``plan``'s world."""
-    from .plan import TORCH_RELEASE
     from .state import raise_failures, read_state, state_path
 
     what = f"load_state({os.fspath(path)!r}, elastic=True)"
@@ -40,7 +40,7 @@ def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world:
     try:
         for old in range(plan.rank, world, plan.world_size):
             states[old] = read_state(path, old, save)
-            problem = _foreign(states[old], plan, TORCH_RELEASE)
+            problem = _foreign(states[old], plan)
             if problem:
                 raise StateError(f"{state_path(path, old, save)}: {problem}")
         if world == plan.world_size:
@@ -64,7 +64,7 @@ def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world:
     error = None
     state: dict[str, Any] = {}
     try:
-        state = _new_state(agreed, states.get(plan.rank), plan, TORCH_RELEASE)
+        state = _new_state(agreed, states.get(plan.rank), plan)
         plan.check_state(state, source=what)
     except StateError as exc:
         error = str(exc)
@@ -73,15 +73,11 @@ def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world:
     plan.load_state_dict(state, source=what)
 
 
-def _foreign(state: dict[str, Any], plan: SeedPlan, torch_release: str) -> str:
+def _foreign(state: dict[str, Any], plan: SeedPlan) -> str:
     """Why ``state`` is not a checkpoint of this run at all ('' if it is)."""
-    for key, now in (
-        ("base_seed", plan.base_seed),
-        ("scheme", plan.scheme),
-        ("torch_version", torch_release),
-    ):
-        if state.get(key) != now:
-            return f"saved with {key} {state.get(key)!r} but this run has {now!r}"
+    problem = identity_problem(state, plan._identity(), RUN)
+    if problem:
+        return problem
     if not isinstance(state.get("loaders"), dict) or not isinstance(state.get("epoch"), int):
         return "not a ddpseed plan state"
     for name, loader in state["loaders"].items():
@@ -135,7 +131,7 @@ def _where(s: dict[str, Any]) -> str:
 
 
 def _new_state(
-    agreed: dict[str, Any], own: dict[str, Any] | None, plan: SeedPlan, torch_release: str
+    agreed: dict[str, Any], own: dict[str, Any] | None, plan: SeedPlan
 ) -> dict[str, Any]:
     """This rank's plan state on the new world (see the module docstring)."""
     # Each loader continues from the agreed global position where its shards are another
@@ -146,12 +142,8 @@ def _new_state(
     positions = tuple(ld["global_position"] for _, ld in sorted(agreed["loaders"].items()))
     seed = resume_seed(plan.base_seed, plan.rank, agreed["epoch"], positions)
     return {
-        "base_seed": plan.base_seed,
-        "scheme": plan.scheme,
-        "rank": plan.rank,
-        "world_size": plan.world_size,
+        **plan._identity(),
         "epoch": agreed["epoch"],
-        "torch_version": torch_release,
         "rng": _seeded_rngs(seed, plan.cuda_device),
         "loaders": loaders,
     }

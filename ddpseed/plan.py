@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from .collective import disagreement, exchange
+from .compat import TORCH_RELEASE, plan_state_problem
 from .derivation import Scheme, process_seed, validate_seed, worker_seed
 from .errors import AgreementError, StateError
 from .forks import Forks
@@ -28,9 +29,6 @@ from .topology import Topology
 from .workers import Randomness, WorkerInitFn
 
 log = logging.getLogger(__name__)
-# The local build suffix (+cpu, +cu124) does not change RNG streams; the release may.
-TORCH_RELEASE = torch.__version__.split("+")[0]
-
 DEFAULT_TIMEOUT = 300.0
 
 
@@ -339,13 +337,8 @@ class SeedPlan:
     def state_dict(self) -> dict[str, Any]:
         """What this rank needs to continue its random streams and data exactly."""
         return {
-            "base_seed": self._base_seed,
-            "scheme": self._scheme,
-            "rank": self.rank,
-            "world_size": self.world_size,
+            **self._identity(),
             "epoch": self._epoch,
-            "torch_version": TORCH_RELEASE,
-            "mesh": self._mesh.record() if self._mesh is not None else None,
             "rng": capture_rngs(self._cuda_device),
             "forks": self._forks.state_dict(),
             **self._loaders.state_dict(),
@@ -367,46 +360,22 @@ class SeedPlan:
         if problem:
             raise StateError(f"rank {self.rank}: {source}: {problem}. Nothing was restored")
 
+    def _identity(self) -> dict[str, Any]:
+        """What a state records of the run that saved it (see :mod:`ddpseed.compat`)."""
+        return {
+            "base_seed": self._base_seed,
+            "scheme": self._scheme,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "torch_version": TORCH_RELEASE,
+            "mesh": self._mesh.record() if self._mesh is not None else None,
+        }
+
     def _state_problem(self, state: dict[str, Any]) -> str:
-        required = ("base_seed", "scheme", "rank", "world_size", "epoch", "loaders", "rng")
-        missing = [k for k in required if k not in state]
-        if missing or not isinstance(state["loaders"], dict):
-            return f"lacks {missing or ['loaders by name']}; not a ddpseed plan state"
-        for what, saved, now, fix in (
-            (
-                "base seed",
-                state["base_seed"],
-                self._base_seed,
-                "pass seed=<saved seed>, or the run_dir of the first attempt, to setup()",
-            ),
-            (
-                "world size",
-                state["world_size"],
-                self.world_size,
-                "resume with the saved number of ranks (its shards differ from this one's), or "
-                "pass elastic=True to ddpseed.load_state to continue the epoch on this world "
-                "size (every unconsumed sample exactly once; see README, Elastic)",
-            ),
-            ("rank", state["rank"], self.rank, "load each rank's own file"),
-            ("scheme", state["scheme"], self._scheme, "use the saved scheme"),
-            (
-                "mesh",
-                state.get("mesh"),
-                self._mesh.record() if self._mesh is not None else None,
-                "resume with the saved mesh, data_dims and distinct_dims (streams follow them)",
-            ),
-            (
-                "torch",
-                state.get("torch_version"),
-                TORCH_RELEASE,
-                "RNG state layouts differ between torch releases; resume with the saved one",
-            ),
-        ):
-            if saved != now:
-                return f"saved with {what} {saved!r} but this run has {now!r}; {fix}"
-        forks = self._forks.problem(state.get("forks", {}))
-        if forks:
-            return forks
+        problem = plan_state_problem(state, self._identity())
+        problem = problem or self._forks.problem(state.get("forks", {}))
+        if problem:
+            return problem
         if state["rng"].get("cuda") is not None and self._cuda_device is None:
             return "saved with a CUDA generator but this rank has no GPU; resume on a GPU machine"
         for name, loader in self._loaders.live().items():

@@ -342,3 +342,18 @@ def test_targets_examples_run() -> None:
 
     result = doctest.testmod(targets)
     assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_the_loader_cost_diagnostic_runs() -> None:
+    # benchmarks/loader_cost.py, which README's Layout names, on a real (tiny) run.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "benchmarks.loader_cost", "--seconds", "0.1", "--n", "256"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^  (.+?) +(\d\.\d+)x \[", proc.stdout, re.M)
+    assert [name for name, _ in rows] == [
+        "plan.dataloader",
+        "without reseeding",
+        "torch again",
+        "per-batch reseeding",
+    ], proc.stdout

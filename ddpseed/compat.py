@@ -1,0 +1,69 @@
+"""Whether a saved plan state belongs to this run: pure comparisons of two records.
+
+A plan state (``plan.state_dict()``) records the run that saved it: the *identity* below. A
+resume compares it with this run's before anything is restored; the loaders' own contract is
+:data:`ddpseed.loader.CONTRACT`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+# The local build suffix (+cpu, +cu124) does not change RNG streams; the release may.
+TORCH_RELEASE = torch.__version__.split("+")[0]
+
+REQUIRED = ("base_seed", "scheme", "rank", "world_size", "epoch", "loaders", "rng")
+ELASTIC = (
+    "pass elastic=True to ddpseed.load_state to continue the epoch on this world size (every "
+    "unconsumed sample exactly once; see README, Elastic)"
+)
+# What a plan state records of its run: key -> (how a message names it, the fix).
+IDENTITY: dict[str, tuple[str, str]] = {
+    "base_seed": (
+        "base seed",
+        "pass seed=<saved seed>, or the run_dir of the first attempt, to setup()",
+    ),
+    "world_size": (
+        "world size",
+        "resume with the saved number of ranks (its shards differ from this one's), or " + ELASTIC,
+    ),
+    "rank": ("rank", "load each rank's own file"),
+    "scheme": ("scheme", "use the saved scheme"),
+    "mesh": (
+        "mesh",
+        "resume with the saved mesh, data_dims and distinct_dims (streams follow them)",
+    ),
+    "torch_version": (
+        "torch",
+        "RNG state layouts differ between torch releases; resume with the saved one",
+    ),
+}
+# What marks a checkpoint as another run's even when an elastic resume changes the world.
+RUN = ("base_seed", "scheme", "torch_version")
+
+
+def identity_problem(
+    state: Mapping[str, Any], now: Mapping[str, Any], keys: Iterable[str] = IDENTITY
+) -> str:
+    """Why ``state`` was not saved by the run whose identity is ``now`` ('' if it was).
+
+    >>> identity_problem({"rank": 1}, {"rank": 0}, ["rank"])
+    "saved with rank 1 but this run has 0; load each rank's own file"
+    """
+    for key in keys:
+        label, fix = IDENTITY[key]
+        if state.get(key) != now[key]:
+            return f"saved with {label} {state.get(key)!r} but this run has {now[key]!r}; {fix}"
+    return ""
+
+
+def plan_state_problem(state: Any, now: Mapping[str, Any]) -> str:
+    """Why ``state`` is not a plan state of the run ``now`` ('' if it is); the loaders' and
+    forks' states are checked by their owners."""
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state["loaders"], dict):
+        return f"lacks {missing or ['loaders by name']}; not a ddpseed plan state"
+    return identity_problem(state, now)
