@@ -16,9 +16,12 @@ import torch
 TORCH_RELEASE = torch.__version__.split("+")[0]
 
 REQUIRED = ("base_seed", "scheme", "rank", "world_size", "epoch", "loaders", "rng")
+RNG_KEYS = ("python", "numpy", "torch")  # what ddpseed.seeding.capture_rngs records
+# The way out when a resume changes the world, batch size or workers (README, Elastic).
 ELASTIC = (
-    "pass elastic=True to ddpseed.load_state to continue the epoch on this world size (every "
-    "unconsumed sample exactly once; see README, Elastic)"
+    "pass elastic=True to ddpseed.load_state to continue the interrupted epoch from the global "
+    "position the old ranks reached (every unconsumed sample exactly once, RNGs re-derived; "
+    "see README, Elastic)"
 )
 # What a plan state records of its run: key -> (how a message names it, the fix).
 IDENTITY: dict[str, tuple[str, str]] = {
@@ -41,8 +44,9 @@ IDENTITY: dict[str, tuple[str, str]] = {
         "RNG state layouts differ between torch releases; resume with the saved one",
     ),
 }
-# What marks a checkpoint as another run's even when an elastic resume changes the world.
-RUN = ("base_seed", "scheme", "torch_version")
+# What marks a checkpoint as another run's even when an elastic resume changes the world
+# (an elastic resume under a mesh is refused, so a mesh checkpoint is another run's too).
+RUN = ("base_seed", "scheme", "torch_version", "mesh")
 
 
 def identity_problem(
@@ -66,4 +70,9 @@ def plan_state_problem(state: Any, now: Mapping[str, Any]) -> str:
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing or not isinstance(state["loaders"], dict):
         return f"lacks {missing or ['loaders by name']}; not a ddpseed plan state"
+    epoch, rng = state["epoch"], state["rng"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return f"saved epoch {epoch!r} is not an epoch (an int >= 0); not a ddpseed plan state"
+    if not isinstance(rng, dict) or any(k not in rng for k in RNG_KEYS):
+        return f"its RNG states lack {list(RNG_KEYS)}; not a ddpseed plan state"
     return identity_problem(state, now)

@@ -53,6 +53,9 @@ def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world:
         error = str(exc)
     read = exchange(what, (int(exact),), error, plan.topology, plan.timeout)
     raise_failures(read.lines(), what, plan, "nothing was restored")
+    # Asked of the exact resume too: old ranks at different places are refused here, on every
+    # rank, before anything is restored (not at the first iter()).
+    agreed = _agreed(states, plan, what, save)
     if all(v[0] for v in read.values):
         # Exact; a loader made after this call with another batch size or num_workers is
         # still dealt again from its global position (loader.SeededDataLoader._placement).
@@ -60,7 +63,6 @@ def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world:
         own["loaders"] = {n: _elastic(s) for n, s in own["loaders"].items()}
         plan.load_state_dict(own, source=str(state_path(path, plan.rank, save)))
         return
-    agreed = _agreed(states, plan, what, save)
     error = None
     state: dict[str, Any] = {}
     try:

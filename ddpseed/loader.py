@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .collective import call_id, disagreement, exchange
+from .compat import ELASTIC
 from .derivation import loader_seed
 from .elastic import EpochPoint, global_position
 from .errors import AgreementError, StateError
@@ -56,10 +57,7 @@ CONTRACT = {
     "randomness": "randomness (0 'batch', 1 'sample')",
     "sample_order": "sample order",
 }
-_ELASTIC = (
-    "; or pass elastic=True to ddpseed.load_state to continue the epoch from the saved global "
-    "position (every unconsumed sample exactly once; see README, Elastic)"
-)
+_ELASTIC = "; or " + ELASTIC
 # What an elastic resume may change: the world, the per-rank batch and the workers.
 ELASTIC_FREE = frozenset({"batch_size", "num_workers", "num_replicas", "shard_length"})
 # States saved before a field existed read as this value: torch's order (sample order 0).

@@ -268,15 +268,15 @@ class SeedPlan:
             distributed=distributed,
             **kwargs,
         )
-        saved = self._loaders.pending_for(name, self._epoch)
-        problem = loader.mismatch(saved) if saved is not None else ""
+        saved = self._loaders.pending_for(name)
+        problem = loader.mismatch(saved) if saved is not None else self._loaders.misplaced(loader)
         contract = {CONTRACT[k]: v for k, v in loader.contract().items()}
         if distributed and self._collective:
             self._agree(f"plan.dataloader(name={name!r})", contract, problem or None)
         elif problem:
             self._undo_restore([f"rank {self.rank}: {problem}"])
         if saved is not None:
-            loader.load_state_dict(saved)
+            self._loaders.claim(loader, saved)
         self._loaders.add(loader)
         return loader
 
@@ -303,9 +303,11 @@ class SeedPlan:
     def _undo_restore(self, lines: list[str]) -> None:
         undone = self._loaders.undo()
         if undone is not None:
-            rng, epoch, prior = undone
+            (rng, epoch, prior), claimed = undone
             restore_rngs(rng, self._cuda_device)
             self._forks.undo_load()
+            for loader, before in claimed:  # made after the restore: fresh again, then
+                loader.load_state_dict(before)  # moved to the epoch below like the others
             self.set_epoch(epoch)
             self._loaders.put_back(prior)
         raise StateError(
@@ -349,7 +351,14 @@ class SeedPlan:
         nothing. States of loaders not made yet are applied when they are made."""
         self.check_state(state, source=source)
         rng, epoch = capture_rngs(self._cuda_device), self._epoch
-        restore_rngs(state["rng"], self._cuda_device)
+        try:
+            restore_rngs(state["rng"], self._cuda_device)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            restore_rngs(rng, self._cuda_device)  # all or nothing: one stream may have moved
+            raise StateError(
+                f"rank {self.rank}: {source}: its RNG states cannot be restored ({exc!r}). "
+                "Nothing was restored"
+            ) from exc
         self._forks.load_state_dict(dict(state.get("forks", {})))
         self.set_epoch(int(state["epoch"]))
         self._loaders.restore(dict(state["loaders"]), rng, epoch)
@@ -378,12 +387,7 @@ class SeedPlan:
             return problem
         if state["rng"].get("cuda") is not None and self._cuda_device is None:
             return "saved with a CUDA generator but this rank has no GPU; resume on a GPU machine"
-        for name, loader in self._loaders.live().items():
-            if name in state["loaders"]:
-                problem = loader.mismatch(state["loaders"][name])
-                if problem:
-                    return problem
-        return ""
+        return self._loaders.problem(state["loaders"])
 
     def __repr__(self) -> str:
         return (

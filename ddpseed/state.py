@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .collective import call_id, disagreement, exchange
+from .compat import ELASTIC
 from .errors import AgreementError, ArgumentError, StateError, first_line
 from .files import atomic_write_bytes, atomic_write_json, open_regular
 
@@ -308,10 +309,7 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = 
         raise StateError(
             f"rank {plan.rank}: {what}: save {number} was written by {world} ranks but this job "
             f"has {plan.world_size}; its shards differ from this job's, so nothing was "
-            "restored. Resume with the saved number of ranks, or pass elastic=True to "
-            "ddpseed.load_state to continue the interrupted epoch from the global position the "
-            "old ranks reached (every unconsumed sample exactly once, RNGs re-derived; see "
-            "README, Elastic)"
+            f"restored. Resume with the saved number of ranks, or {ELASTIC}"
         )
     state: dict[str, Any] = {}
     error = None

@@ -199,6 +199,21 @@ def test_old_ranks_at_different_global_positions_are_refused_naming_them(
     )
 
 
+def test_ranks_at_different_positions_are_refused_by_an_elastic_load_on_the_same_world(
+    tmp_path: Path,
+) -> None:
+    """The same world size takes the exact path of load_state(elastic=True); its ranks' files
+    must still agree, and every rank says so at load_state, with nothing restored (it used
+    to restore, and fail only at the first iter())."""
+    env = {"STATE": str(tmp_path / "rng.pt")}
+    assert_all_ok(run_case(2, "steps:2,save", env=env, per_rank={1: {"ACTIONS": "steps:3,save"}}))
+    assert_all_failed(
+        run_case(2, "loader,load-elastic", env=env),
+        "AgreementError",
+        "the 2 old ranks' files of save 1 stand at different places",
+    )
+
+
 def test_a_torn_old_file_stops_every_new_rank_of_an_elastic_resume(tmp_path: Path) -> None:
     """Old rank 3's file is cut in half: new rank 0 (which verifies old files 0 and 3 of the
     4) reports it, and every new rank stops with nothing restored."""

@@ -201,3 +201,21 @@ def test_load_state_before_the_loader_with_a_mismatch_on_one_rank_stops_every_ra
         "rank 1: loader 'train' was saved with dataset length 64 but is now dataset length 60",
         "restore was undone on every rank",
     )
+
+
+@pytest.mark.parametrize("order", ["loader,load", "load,loader"])
+def test_an_unnamed_loader_under_another_creation_number_stops_every_rank(
+    tmp_path: Path, order: str
+) -> None:
+    """Saved as "loader1" (a first unnamed loader was made and dropped), resumed as "loader0":
+    whether load_state comes before or after the loader, every rank refuses, naming both, and
+    says how to continue the checkpoint (it used to start the epoch again at sample 0)."""
+    env = {"STATE": str(tmp_path / "rng.pt"), "LOADER_NAME": ""}
+    assert_all_ok(run_case(2, "loader,loader,steps:2,save", env=env))
+    assert_all_failed(
+        run_case(2, order, env=env),
+        "StateError",
+        "loader 'loader0' has no saved state, but the restored state of loader 'loader1' "
+        "(epoch 0, position 8)",
+        "pass name='loader1'",
+    )

@@ -256,3 +256,143 @@ def test_state_saved_after_the_last_batch_resumes_with_an_empty_rest(tmp_path: P
     again.load_state_dict(after)
     with pytest.warns(UserWarning, match="second full pass"):  # resuming the same epoch again
         assert len(list(again)) == 4
+
+
+# -- found in review: paths that resumed silently wrong or partly -----------------------------
+
+
+def _epochs_of_remade_loaders(plan: ddpseed.SeedPlan, steps_in_last: int) -> Any:
+    """A loader made again every epoch without a name; stops mid-epoch 2."""
+    for epoch in range(3):
+        plan.set_epoch(epoch)
+        loader = plan.dataloader(range(40), batch_size=4)
+        batches = iter(loader)
+        for _ in range(10 if epoch < 2 else steps_in_last):
+            next(batches)
+    return loader, batches
+
+
+def test_a_loader_made_again_every_epoch_without_a_name_is_refused_not_restarted(
+    tmp_path: Path,
+) -> None:
+    # It was "loader2" when saved but is "loader0" in the resumed run: it used to start epoch 2
+    # at sample 0 while the saved position waited for a loader that never came.
+    plan = make_plan()
+    _loader, batches = _epochs_of_remade_loaders(plan, 3)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    rest = [b.tolist() for b in batches]
+    plan = make_plan()
+    torch.rand(1)
+    before = torch.get_rng_state().clone()
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    with pytest.raises(ddpseed.StateError) as err:
+        plan.dataloader(range(40), batch_size=4)
+    message = str(err.value)
+    assert "loader 'loader0' has no saved state" in message
+    assert "loader 'loader2' (epoch 2, position 12)" in message and "name='loader2'" in message
+    assert "restore was undone" in message and plan.epoch == 0
+    assert torch.equal(before, torch.get_rng_state())  # the RNGs went back too
+    # The message's fix continues the checkpoint exactly.
+    plan = make_plan()
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    assert [b.tolist() for b in plan.dataloader(range(40), batch_size=4, name="loader2")] == rest
+
+
+def test_a_loader_made_before_load_state_under_another_creation_number_is_refused(
+    tmp_path: Path,
+) -> None:
+    plan = make_plan()
+    kept = _epochs_of_remade_loaders(plan, 3)  # alive at the save, as in a training script
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    del kept
+    plan = make_plan()
+    plan.set_epoch(2)
+    loader = plan.dataloader(range(40), batch_size=4)
+    with pytest.raises(ddpseed.StateError, match="loader 'loader0' has no saved state"):
+        ddpseed.load_state(tmp_path / "rng.pt", plan)
+    assert loader.state_dict()["position"] == 0 and plan.epoch == 2
+
+
+def test_load_state_first_keeps_the_position_of_a_loader_whose_sampler_holds_the_epoch(
+    tmp_path: Path,
+) -> None:
+    # The torch tutorial's loader.sampler.set_epoch(e): the plan's epoch stays 0 while the
+    # loader's is e. The saved state used to be dropped when the loader was made after
+    # load_state, because its epoch was not the plan's.
+    plan = make_plan()
+    loader = plan.dataloader(range(40), batch_size=4)
+    loader.sampler.set_epoch(3)  # type: ignore[attr-defined]
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    rest = [b.tolist() for b in batches]
+    for first in ("load_state", "dataloader"):
+        plan = make_plan()
+        if first == "dataloader":
+            loader = plan.dataloader(range(40), batch_size=4)
+        ddpseed.load_state(tmp_path / "rng.pt", plan)
+        if first == "load_state":
+            loader = plan.dataloader(range(40), batch_size=4)
+        loader.sampler.set_epoch(3)  # type: ignore[attr-defined]  # the script's loop
+        assert [b.tolist() for b in loader] == rest, first
+
+
+def test_two_live_loaders_of_one_name_are_refused_at_save_and_load(tmp_path: Path) -> None:
+    plan = make_plan()
+    first = plan.dataloader(range(40), batch_size=4, name="x")
+    next(iter(first))
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    second = plan.dataloader(range(40), batch_size=4, name="x")
+    with pytest.raises(ddpseed.StateError, match="2 live loaders are named 'x'"):
+        ddpseed.save_state(tmp_path / "rng.pt", plan)
+    with pytest.raises(ddpseed.StateError, match="2 live loaders are named 'x'"):
+        ddpseed.load_state(tmp_path / "rng.pt", plan)
+    assert second.state_dict()["position"] == 0
+    del first  # the loader remade every epoch under one name: the old one is dropped
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+
+
+def test_an_undone_restore_also_resets_loaders_that_took_a_waiting_state(tmp_path: Path) -> None:
+    plan = make_plan()
+    a = plan.dataloader(range(40), batch_size=4, name="a")
+    b = plan.dataloader(range(40), batch_size=4, name="b")
+    for loader in (a, b):
+        batches = iter(loader)
+        for _ in range(3):
+            next(batches)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    del a, b, batches
+    plan = make_plan()
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    a = plan.dataloader(range(40), batch_size=4, name="a")
+    assert a.state_dict()["position"] == 12
+    with pytest.raises(ddpseed.StateError, match="restore was undone"):
+        plan.dataloader(range(40), batch_size=8, name="b")
+    # "as they were before it": a did not exist then, so it starts fresh.
+    assert a.state_dict()["position"] == 0 and len(list(a)) == 10
+
+
+@pytest.mark.parametrize("epoch", [-1, "x", 2.7, True, "3"])
+def test_a_state_with_a_bad_epoch_is_refused_before_anything_changes(epoch: Any) -> None:
+    plan = make_plan()
+    state = plan.state_dict()
+    rng = torch.get_rng_state().clone()
+    torch.rand(3)
+    with pytest.raises(ddpseed.StateError, match="is not an epoch"):
+        plan.load_state_dict({**state, "epoch": epoch})
+    assert not torch.equal(rng, torch.get_rng_state())  # the RNGs were not restored
+
+
+def test_a_state_whose_rng_cannot_be_restored_changes_no_stream() -> None:
+    plan = make_plan()
+    state = plan.state_dict()
+    torch.rand(3)
+    random.random()
+    now = (torch.get_rng_state().clone(), random.getstate())
+    with pytest.raises(ddpseed.StateError, match="lack"):
+        plan.load_state_dict({**state, "rng": {"python": state["rng"]["python"]}})
+    broken = {**state["rng"], "numpy": {"kind": "MT19937"}}  # python restores, numpy fails
+    with pytest.raises(ddpseed.StateError, match="RNG states cannot be restored"):
+        plan.load_state_dict({**state, "rng": broken})
+    assert torch.equal(now[0], torch.get_rng_state()) and now[1] == random.getstate()

@@ -322,3 +322,17 @@ def test_an_elastic_resume_under_a_mesh_is_refused_not_reseeded_by_rank(alone: P
     assert after[0] == before[0] and after[2] == before[2]  # nothing was restored or reseeded
     assert torch.equal(after[1], before[1]) and (after[3] == before[3]).all()
     ddpseed.load_state(tmp_path / "rng.pt", plan)  # the exact resume still works
+
+
+def test_a_mesh_checkpoint_is_refused_by_an_elastic_resume_without_a_mesh(alone: Path) -> None:
+    # It used to be taken, dropping the forked streams without a word.
+    tmp_path = alone
+    plan = ddpseed.setup(seed=3, mesh={"dp": 1, "tp": 1})
+    with plan.fork("tp"):
+        torch.rand(1)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plain = ddpseed.setup(seed=3)
+    for elastic in (False, True):
+        with pytest.raises(ddpseed.StateError, match="saved with mesh") as err:
+            ddpseed.load_state(tmp_path / "rng.pt", plain, elastic=elastic)
+        assert "nothing was restored" in str(err.value)

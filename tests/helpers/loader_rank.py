@@ -44,7 +44,7 @@ def make_loader(plan: ddpseed.SeedPlan) -> Any:
         shuffle=env.get("SHUFFLE", "1") == "1",
         drop_last=env.get("DROP_LAST", "0") == "1",
         randomness=env.get("RANDOMNESS", "batch"),  # type: ignore[arg-type]
-        name="train",
+        name=env.get("LOADER_NAME", "train") or None,  # "": named by creation order
     )
 
 
