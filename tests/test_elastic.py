@@ -183,34 +183,28 @@ def test_another_world_size_without_elastic_is_refused_naming_elastic_true(
     )
 
 
+@pytest.mark.parametrize(
+    ("saved", "resumed", "groups"),
+    [(4, 3, ("0,2-3", 32, 48)), (2, 2, ("0", 16, 24))],
+    ids=["another-world", "same-world"],
+)
 def test_old_ranks_at_different_global_positions_are_refused_naming_them(
-    tmp_path: Path,
+    tmp_path: Path, saved: int, resumed: int, groups: tuple[str, int, int]
 ) -> None:
     """Ranks of one job saved at different positions (not synchronous DDP): no global
-    position continues all of them, and the 3 new ranks (reading 4 old files) all say so."""
+    position continues all of them, and every new rank says so at load_state, before anything
+    is restored. On the same world size load_state(elastic=True) takes the exact path; it used
+    to restore there and fail only at the first iter()."""
     env = {"STATE": str(tmp_path / "rng.pt")}
-    assert_all_ok(run_case(4, "steps:2,save", env=env, per_rank={1: {"ACTIONS": "steps:3,save"}}))
+    ahead = {1: {"ACTIONS": "steps:3,save"}}
+    assert_all_ok(run_case(saved, "steps:2,save", env=env, per_rank=ahead))
+    others, behind, before = groups
     assert_all_failed(
-        run_case(3, "loader,load-elastic", env=env),
+        run_case(resumed, "loader,load-elastic", env=env),
         "AgreementError",
-        "the 4 old ranks' files of save 1 stand at different places",
-        "old ranks 0,2-3: epoch 0, loader 'train' at global position 32 of epoch 0",
-        "old ranks 1: epoch 0, loader 'train' at global position 48 of epoch 0",
-    )
-
-
-def test_ranks_at_different_positions_are_refused_by_an_elastic_load_on_the_same_world(
-    tmp_path: Path,
-) -> None:
-    """The same world size takes the exact path of load_state(elastic=True); its ranks' files
-    must still agree, and every rank says so at load_state, with nothing restored (it used
-    to restore, and fail only at the first iter())."""
-    env = {"STATE": str(tmp_path / "rng.pt")}
-    assert_all_ok(run_case(2, "steps:2,save", env=env, per_rank={1: {"ACTIONS": "steps:3,save"}}))
-    assert_all_failed(
-        run_case(2, "loader,load-elastic", env=env),
-        "AgreementError",
-        "the 2 old ranks' files of save 1 stand at different places",
+        f"the {saved} old ranks' files of save 1 stand at different places",
+        f"old ranks {others}: epoch 0, loader 'train' at global position {behind} of epoch 0",
+        f"old ranks 1: epoch 0, loader 'train' at global position {before} of epoch 0",
     )
 
 
