@@ -5,10 +5,11 @@ in a directory the user named, ``manifest.json`` (everything that determined the
 randomness). The rules (README, "Restarts"):
 
 * ``run_dir=`` / ``DDPSEED_RUN_DIR``: the user's directory; a record found there is continued.
-* Otherwise the launch names one under ``~/.cache/ddpseed/runs``: inside a Slurm allocation the
-  job step (``slurm-<job>.<step>``, which a requeue keeps); under torchrun the launch, by a key
-  rank 0 keeps in torchrun's agent store, which lives exactly as long as the launch
-  (``torchrun[-<rdzv id>]-<key>``). A plain env:// launch has none.
+* Otherwise the launch names one under ``~/.cache/ddpseed/runs``: an ``srun`` step
+  (``slurm-<job>.<step>``, which a requeue keeps); under torchrun the launch, by a key rank 0
+  keeps in torchrun's agent store, which lives exactly as long as the launch
+  (``[slurm-<job>.<step>-]torchrun[-<rdzv id>]-<key>``). A plain env:// launch has none, and
+  neither has a program the Slurm batch script runs itself (step ``batch`` holds them all).
 * Only a restart continues a derived record: ``TORCHELASTIC_RESTART_COUNT`` or
   ``SLURM_RESTART_COUNT`` above 0. A first attempt that finds one (a reused Slurm job id) moves
   it aside and draws a fresh seed.
@@ -47,6 +48,7 @@ PRUNE_AFTER_DAYS = 30
 # Where rank 0 keeps the launch key in torchrun's agent store.
 LAUNCH_KEY = "ddpseed/launch"
 _DERIVED_PREFIXES = ("torchrun", "slurm-")
+_PROCESS = secrets.token_hex(8)  # names this process in the records it writes
 
 
 def runs_root(env: Mapping[str, str] | None = None) -> Path:
@@ -132,8 +134,20 @@ def resolve_run_dir(
     if not topo.run_id:
         return None
     path = runs_root(env) / topo.run_id
-    if topo.run_id.startswith("slurm-"):
-        return RunDir(path, explicit=False, restart=restart)
+    if not topo.run_id.startswith("torchrun") and "-torchrun" not in topo.run_id:
+        # Not a torchrun launch (whose name ends in torchrun[-<rdzv id>], see launchers).
+        if topo.run_id.startswith("slurm-") and not topo.run_id.endswith(".batch"):
+            return RunDir(path, explicit=False, restart=restart)
+        # Every program the batch script runs (step "batch") is one step, one after another
+        # or at once, so a requeue could not tell whose record is whose; other schedulers'
+        # job ids do not name a launch either.
+        log.info(
+            "rank %d: launch %s names no run directory of its own (start it with srun, or pass "
+            "run_dir= or DDPSEED_RUN_DIR, to keep an entropy seed across a requeue)",
+            topo.rank,
+            topo.run_id,
+        )
+        return None
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         log.info(
             "rank %d: torchrun's agent store is not shared with the workers "
@@ -212,7 +226,8 @@ def find_record(where: RunDir, timeout: float) -> Found:
 
 
 def _written_by_me(record: SeedRecord) -> bool:
-    return record.launch.endswith(f"[{socket.gethostname()} pid {os.getpid()}]")
+    # By a token drawn once per process: a pid is reused (containers start at 1).
+    return record.launch.endswith(f" {_PROCESS}]")
 
 
 def read_seed_record(run_dir: Path) -> SeedRecord | None:
@@ -264,7 +279,7 @@ def create_seed_record(found: Found, base_seed: int, source: str) -> SeedRecord:
         base_seed,
         source,
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        f"{found.launch} [{socket.gethostname()} pid {os.getpid()}]",
+        f"{found.launch} [{socket.gethostname()} pid {os.getpid()} {_PROCESS}]",
     )
     data = {
         "base_seed": base_seed,

@@ -322,7 +322,9 @@ def test_detect_torchrun_inside_sbatch_wins():
     assert SlurmEnvironment(TORCHRUN_IN_SBATCH_RANK3).activated()
     topo = detect(TORCHRUN_IN_SBATCH_RANK3)
     assert _summary(topo) == ("torchrun", 3, 1, 4, 2, 1, 2, "127.0.0.1", 29571)
-    assert topo.run_id == "slurm-1000.0"  # the Slurm step, which a requeue keeps
+    # The step and the launch: several torchruns can share one step, so the step alone would
+    # let one launch's restart continue another's seed (ddpseed.rundir adds the launch key).
+    assert topo.run_id == "slurm-1000.0-torchrun-slurm-1000"
 
 
 def test_detect_plain_python():

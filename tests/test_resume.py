@@ -152,12 +152,13 @@ def test_slurm_requeue_finds_the_entropy_seed(
     monkeypatch.delenv("DDPSEED_SEED", raising=False)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a requeued job keeps its id
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # and numbers its srun steps from 0 again
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = ddpseed.setup()
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what Slurm sets in a requeued job
     again = ddpseed.setup()
     assert (again.base_seed, again.seed_source) == (first.base_seed, "run record")
-    assert (tmp_path / "ddpseed" / "runs" / "slurm-4242.batch" / "seed.json").exists()
+    assert (tmp_path / "ddpseed" / "runs" / "slurm-4242.0" / "seed.json").exists()
 
 
 def test_changed_batch_size_is_refused(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -330,8 +331,64 @@ def test_old_derived_run_dirs_are_pruned(single: Path, monkeypatch: pytest.Monke
         if name != "slurm-2.0":
             os.utime(runs / name / "seed.json", (old, old))
     monkeypatch.setenv("SLURM_JOB_ID", "3")  # a new derived record prunes the unused ones
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
     ddpseed.setup()
-    assert sorted(p.name for p in runs.iterdir()) == ["mine", "slurm-2.0", "slurm-3.batch"]
+    assert sorted(p.name for p in runs.iterdir()) == ["mine", "slurm-2.0", "slurm-3.0"]
+
+
+def test_programs_of_the_batch_script_itself_keep_no_record_to_mix_up(
+    single: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two programs the batch script runs (step "batch") used to share slurm-<job>.batch, so
+    # after a requeue the first continued the second's seed. Now neither keeps a record: a
+    # requeue draws fresh entropy for each (and load_state refuses a checkpoint of the old
+    # seed, naming it), unless run_dir= names the run.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    a, b = ddpseed.setup(), ddpseed.setup()
+    assert a.run_dir is None and (a.seed_source, b.seed_source) == ("entropy", "entropy")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = ddpseed.setup()
+    assert again.seed_source == "entropy" and again.base_seed not in (b.base_seed,)
+    assert runs_under(single / "cache") == []
+
+
+def test_a_record_of_another_process_with_this_pid_is_not_taken_for_ours(
+    single: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Containers start their processes at small pids: "written by host and pid" let a new
+    # launch continue an earlier one's record on a first attempt.
+    monkeypatch.setenv("SLURM_JOB_ID", "88")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    earlier = single / "cache" / "ddpseed" / "runs" / "slurm-88.0"
+    earlier.mkdir(parents=True)
+    launch = f"launch slurm-88.0 [{socket.gethostname()} pid {os.getpid()}]"
+    (earlier / "seed.json").write_text(
+        json.dumps({"base_seed": 111, "source": "entropy", "launch": launch})
+    )
+    plan = ddpseed.setup()
+    assert plan.seed_source == "entropy" and plan.base_seed != 111
+    (aside,) = [n for n in runs_under(single / "cache") if ".stale-" in n]
+    assert record_of(earlier.with_name(aside))["base_seed"] == 111  # kept, moved aside
+    again = ddpseed.setup()  # setup() again in this process continues its own record
+    assert (again.base_seed, again.seed_source) == (plan.base_seed, "run record")
+
+
+def test_torchruns_inside_one_slurm_step_keep_their_own_records(
+    agent_store: Callable[[], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Two torchrun launches in one step (a batch script starting train, then eval; or two at
+    # once): a restart of the first used to continue whichever record the step held last.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    agent_store()
+    first = ddpseed.setup()
+    agent_store()
+    second = ddpseed.setup()
+    assert first.run_dir != second.run_dir and first.base_seed != second.base_seed
+    assert all(n.startswith("slurm-4242.batch-torchrun-") for n in runs_under(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the second launch restarts
+    again = ddpseed.setup()
+    assert (again.base_seed, again.run_dir) == (second.base_seed, second.run_dir)
 
 
 def dry_run(*args: str, **env: str) -> tuple[int, str]:

@@ -45,8 +45,9 @@ class Topology:
     master_addr: str
     master_port: int
     # Names the launch across its restarts, if the launcher gives it a name: Slurm's job and
-    # step ids ("slurm-<job>.<step>", kept by a requeue), else "torchrun[-<rdzv id>]", which
-    # ddpseed.rundir completes with a key kept in torchrun's agent store (one per launch).
+    # step ids ("slurm-<job>.<step>", kept by a requeue); under torchrun "torchrun[-<rdzv
+    # id>]" (after the Slurm step, if any), which ddpseed.rundir completes with a key kept in
+    # torchrun's agent store (one per launch).
     run_id: str | None = None
 
     def __post_init__(self) -> None:

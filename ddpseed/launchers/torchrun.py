@@ -51,8 +51,20 @@ class TorchrunEnvironment(LauncherEnvironment):
             num_nodes=num_nodes,
             master_addr=env.get("MASTER_ADDR", LOOPBACK),
             master_port=int_var(env, "MASTER_PORT", DEFAULT_PORT),
-            run_id=slurm_run_id(env) or torchrun_run_id(rdzv_id),
+            run_id=_within(slurm_run_id(env), torchrun_run_id(rdzv_id)),
         )
+
+
+def _within(step: str | None, launch: str | None) -> str | None:
+    """A torchrun launch inside a Slurm step: both names. The step alone does not name the
+    launch (a batch script may start several torchruns); ddpseed.rundir adds the launch key.
+
+    >>> _within("slurm-7.0", "torchrun"), _within(None, "torchrun"), _within("slurm-7.0", None)
+    ('slurm-7.0-torchrun', 'torchrun', 'slurm-7.0')
+    """
+    if step is None or launch is None:
+        return step or launch
+    return f"{step}-{launch}"
 
 
 def torchrun_run_id(rdzv_id: str | None) -> str | None:
