@@ -228,7 +228,7 @@ def _wait(work: Any, timeout: float) -> None:
         work.wait(timeout=timedelta(seconds=timeout))
     except Exception:
         # The backend's worker may still be running it (only our wait gave up): destroying the
-        # group at exit would wait for it (see coordinator._destroy_at_exit).
+        # group at exit would wait for it (see group._destroy_at_exit).
         global left_pending
         left_pending = True
         raise

@@ -1,4 +1,4 @@
-"""Bring up ``torch.distributed`` and make every rank agree on one base seed.
+"""Make every rank agree on one base seed (the process group is :mod:`ddpseed.group`'s).
 
 Every rank sends one :class:`Proposal` (its explicit seed or the error it hit validating it,
 its scheme, deterministic flag and run directory); :func:`decide` is the pure verdict every
@@ -9,40 +9,24 @@ one :func:`ddpseed.collective.exchange` (a gather to rank 0 and a broadcast of t
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import logging
-import os
-import socket
-import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from enum import IntEnum
+from typing import NoReturn
 
-import torch
-import torch.distributed as dist
-from torch.distributed import Backend, PrefixStore  # type: ignore[attr-defined]
-from torch.distributed import distributed_c10d as c10d
-from torch.distributed.rendezvous import rendezvous
-
-from . import collective
 from .collective import call_id, exchange, ranks_text, strip_rank
 from .derivation import SCHEMES
 from .errors import (
     ArgumentError,
     CoordinationError,
+    RunDirError,
     SeedMismatchError,
     SeedValueError,
     TopologyError,
-    first_line,
 )
+from .group import loopback_hint
 from .topology import Topology
-
-log = logging.getLogger(__name__)
-# Backends whose group timeout torch can change after creation (c10d._set_pg_timeout).
-_SETTABLE = ("gloo", "nccl")
 
 
 class Source(IntEnum):
@@ -63,6 +47,22 @@ class Source(IntEnum):
         }[self]
 
 
+class ErrorKind(IntEnum):
+    """What a rank's error in its proposal is about: it picks the exception every rank raises."""
+
+    SEED = 0
+    MESH = 1
+    RUN_DIR = 2
+
+    def raise_for(self, lines: str, count: int, world_size: int) -> NoReturn:
+        what, cls = {
+            ErrorKind.SEED: ("invalid seed", SeedValueError),
+            ErrorKind.MESH: ("invalid mesh settings", ArgumentError),
+            ErrorKind.RUN_DIR: ("invalid run directory", RunDirError),
+        }[self]
+        raise cls(f"{what} on {count} of {world_size} ranks; no rank was seeded:\n{lines}")
+
+
 @dataclass(frozen=True)
 class Proposal:
     """What one rank brings to the agreement; every field travels as one int64 (None as -1)."""
@@ -77,7 +77,7 @@ class Proposal:
     scheme: int = 0  # index into derivation.SCHEMES
     deterministic: bool = False
     mesh: int = 0  # MeshSpec.agreement_id() of this rank's mesh settings, 0 for no mesh
-    mesh_error: bool = False  # the error is about the mesh settings, not the seed
+    error_kind: ErrorKind = ErrorKind.SEED  # what the error below is about
     error: str | None = None  # this rank's validation error, shown on every rank
 
     def values(self) -> tuple[int, ...]:
@@ -102,7 +102,7 @@ class Proposal:
             scheme=raw["scheme"],
             deterministic=bool(raw["deterministic"]),
             mesh=raw["mesh"],
-            mesh_error=bool(raw["mesh_error"]),
+            error_kind=ErrorKind(raw["error_kind"]),
             error=error,
         )
 
@@ -150,14 +150,9 @@ def decide(records: Sequence[Proposal]) -> Agreement:
     errors = [(rank, r.error) for rank, r in enumerate(records) if r.error]
     if errors:
         lines = "\n".join(f"  rank {rank}: {strip_rank(msg, rank)}" for rank, msg in errors)
-        if all(records[rank].mesh_error for rank, _ in errors):
-            raise ArgumentError(
-                f"invalid mesh settings on {len(errors)} of {world_size} ranks; no rank was "
-                f"seeded:\n{lines}"
-            )
-        raise SeedValueError(
-            f"invalid seed on {len(errors)} of {world_size} ranks; no rank was seeded:\n{lines}"
-        )
+        kinds = {records[rank].error_kind for rank, _ in errors}
+        kind = kinds.pop() if len(kinds) == 1 else ErrorKind.SEED
+        kind.raise_for(lines, len(errors), world_size)
     for what, fix in (
         ("scheme", "pass the same scheme= to setup() on every rank"),
         ("deterministic", "pass the same deterministic= (or DDPSEED_DETERMINISTIC) everywhere"),
@@ -230,170 +225,3 @@ def share_errors(error: str | None, topo: Topology, timeout: float, what: str) -
     Returns ``["rank r: message", ...]`` for the ranks that failed; empty when all succeeded.
     """
     return exchange(what, (), error, topo, timeout).lines()
-
-
-def ensure_process_group(
-    topo: Topology, backend: str | None, timeout: float, *, pg_timeout: float | None = None
-) -> bool:
-    """Initialise the default group from ``topo`` unless one exists; True if we created it.
-
-    ``timeout`` bounds the creation. The group then keeps ``pg_timeout`` seconds for its own
-    collectives: torch's default for the backend when None (an existing group is left as is).
-    """
-    if not topo.is_distributed:
-        return False
-    if dist.is_initialized():
-        if dist.get_world_size() != topo.world_size or dist.get_rank() != topo.rank:
-            raise TopologyError(
-                f"the existing process group has rank {dist.get_rank()}/"
-                f"{dist.get_world_size()} but the {topo.launcher} environment says rank "
-                f"{topo.rank}/{topo.world_size}; initialise both from the same launcher"
-            )
-        if pg_timeout is not None:
-            _set_group_timeout(pg_timeout, topo)
-        return False
-    chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    hint = loopback_hint(topo)
-    if hint:
-        log.warning(hint.strip())
-    # torchrun's agent keeps one TCPStore across restart attempts, while init_process_group's
-    # keys are the same every attempt: a restarted rank could read the gloo address of a rank
-    # that died. Namespacing the store by attempt keeps each attempt's keys apart.
-    url = (
-        "env://"
-        if topo.launcher == "torchrun"
-        else f"tcp://{_bracket(topo.master_addr)}:{topo.master_port}"
-    )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    log.info(
-        "rank %d: init_process_group(%s, %s, world %d, attempt %s)",
-        topo.rank,
-        chosen,
-        url,
-        topo.world_size,
-        attempt,
-    )
-    kwargs = {}
-    if chosen == "nccl":
-        kwargs["device_id"] = torch.device("cuda", topo.local_rank)
-    # Created under the setup timeout, so a rank lost between the rendezvous and its gloo/NCCL
-    # connection fails every rank within it, and only then given its lasting timeout. Where
-    # torch cannot change a group's timeout, the group is made with the lasting one instead.
-    default = getattr(c10d, "_get_default_timeout", None)  # private: may move
-    lasting: timedelta | None = (
-        timedelta(seconds=pg_timeout)
-        if pg_timeout is not None
-        else (default(Backend(chosen)) if default is not None else None)
-    )
-    settable = lasting is not None and hasattr(c10d, "_set_pg_timeout") and chosen in _SETTABLE
-    deadline = time.monotonic() + timeout
-    try:
-        if topo.rank != 0:
-            _wait_for_listener(topo.master_addr, topo.master_port, deadline)
-        remaining = max(1.0, deadline - time.monotonic())
-        store, _, _ = next(
-            rendezvous(url, topo.rank, topo.world_size, timeout=timedelta(seconds=remaining))
-        )
-        dist.init_process_group(
-            backend=chosen,
-            store=PrefixStore(f"ddpseed/attempt_{attempt}", store),
-            rank=topo.rank,
-            world_size=topo.world_size,
-            timeout=timedelta(seconds=timeout) if settable else lasting,
-            **kwargs,  # type: ignore[arg-type]
-        )
-    except Exception as exc:
-        role = "listen" if topo.rank == 0 else "reach rank 0"
-        raise CoordinationError(
-            f"rank {topo.rank} on {socket.gethostname()}: could not {role} at "
-            f"{topo.master_addr}:{topo.master_port} and gather {topo.world_size} ranks within "
-            f"{timeout:g}s ({type(exc).__name__}: {first_line(exc)})."
-            " Check that every rank has the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE, that "
-            "rank 0 is running, and that the port is free and reachable." + hint
-        ) from exc
-    if settable and lasting is not None:
-        _set_group_timeout(lasting.total_seconds(), topo)
-    atexit.register(_destroy_at_exit, weakref.ref(c10d._get_default_group()), os.getpid())
-    return True
-
-
-def _destroy_at_exit(made: weakref.ref[dist.ProcessGroup], pid: int) -> None:
-    """Destroy the default group at interpreter exit if it is still the one ddpseed made.
-
-    Why: gloo's worker thread drops its last reference to a finished collective (and so to the
-    tensors it used) only after ``wait()`` has returned. If the script exits in that window
-    (a loaded machine makes it wide), the thread's decref of a tensor that has a Python object
-    needs the GIL while the interpreter is finalizing; Python ends that thread with a forced
-    unwind through a noexcept destructor and the rank dies with "terminate called without an
-    active exception" (SIGABRT). Destroying the group from atexit, while the interpreter is
-    still whole, joins those threads first (unless something else, e.g. a DDP model, still
-    holds the group: torch then keeps it to the end, and collective._await_release covers
-    ddpseed's own collectives). A group the script made, or already destroyed, is
-    left alone; so is a forked child's copy, and a group with a collective ddpseed gave up on
-    (joining would wait for it up to the group's own timeout).
-    """
-    if os.getpid() != pid or not dist.is_initialized():
-        return
-    if c10d._get_default_group() is not made():
-        return
-    if collective.left_pending:
-        log.info("not destroying the process group at exit: a collective may still be running")
-        return
-    try:
-        dist.destroy_process_group()
-    except Exception as exc:  # exiting anyway; the group goes with the process
-        log.warning("destroying the process group at exit failed: %s", first_line(exc))
-
-
-def _set_group_timeout(seconds: float, topo: Topology) -> None:
-    """Give the default group ``seconds`` as its collectives' timeout (a private torch API)."""
-    setter = getattr(c10d, "_set_pg_timeout", None)
-    backend = dist.get_backend()
-    if setter is None or backend not in _SETTABLE:
-        raise ArgumentError(
-            f"rank {topo.rank}: torch {torch.__version__} cannot change the timeout of an "
-            f"existing {backend} group, so pg_timeout={seconds:g} cannot apply to the group the "
-            "script made; pass timeout= to your own init_process_group instead, or drop "
-            "pg_timeout"
-        )
-    setter(timedelta(seconds=seconds))
-    log.info("rank %d: process group timeout %gs", topo.rank, seconds)
-
-
-def _wait_for_listener(addr: str, port: int, deadline: float) -> None:
-    """Return once something accepts connections at addr:port; raise at the deadline.
-
-    torch's store client can take several times its timeout to give up on a port where nobody
-    listens (seen under CPU load); probing first keeps the whole rendezvous inside the deadline.
-    """
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"nothing accepted connections at {addr}:{port}")
-        try:
-            socket.create_connection((addr, port), timeout=min(1.0, left)).close()
-            return
-        except OSError:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))  # retry interval
-
-
-def _bracket(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
-
-
-def loopback_hint(topo: Topology) -> str:
-    """A hint when gloo would advertise a loopback address to peers on other hosts."""
-    if topo.num_nodes <= 1 or os.environ.get("GLOO_SOCKET_IFNAME"):
-        return ""
-    try:
-        addr = socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return ""
-    if not addr.startswith("127."):
-        return ""
-    return (
-        f" Hint: this job spans {topo.num_nodes} nodes but hostname {socket.gethostname()!r} "
-        f"resolves to loopback {addr}, so gloo tells peers to connect to 127.x; set "
-        "GLOO_SOCKET_IFNAME to the interface that reaches the other nodes (e.g. "
-        "GLOO_SOCKET_IFNAME=eth0) or fix /etc/hosts."
-    )

@@ -19,11 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import coordinator, rundir
+from . import coordinator, group, rundir
 from .collective import exchange, ranks_text
-from .coordinator import Proposal, Source, path_id
+from .coordinator import ErrorKind, Proposal, Source, path_id
 from .derivation import SCHEMES, Scheme, validate_seed
-from .errors import ArgumentError, DDPSeedError, SeedMismatchError, StateError, shown
+from .errors import (
+    ArgumentError,
+    DDPSeedError,
+    RunDirError,
+    SeedMismatchError,
+    StateError,
+    shown,
+)
 from .files import atomic_write_json
 from .mesh import MeshSpec, spec_of, spec_of_shape
 from .plan import DEFAULT_TIMEOUT, SeedPlan
@@ -297,8 +304,11 @@ def setup(
         # Before any collective: on nccl the agreement's tensors go to the current device, and
         # without this every rank of a node would put them on cuda:0.
         torch.cuda.set_device(cuda_device)
-    where = rundir.resolve_run_dir(run_dir, topo)
-    coordinator.ensure_process_group(topo, backend, timeout, pg_timeout=pg_timeout)
+    try:
+        where, run_dir_error = rundir.resolve_run_dir(run_dir, topo), ""
+    except RunDirError as exc:  # every rank hears of it in the agreement, none waits on it
+        where, run_dir_error = None, str(exc)
+    group.ensure_process_group(topo, backend, timeout, pg_timeout=pg_timeout)
     proposal = dataclasses.replace(
         _explicit_proposal(seed),
         world_size=topo.world_size,
@@ -314,8 +324,9 @@ def setup(
     spec, mesh_error = _mesh_spec(mesh, data_dims, distinct_dims, topo.rank, topo.world_size)
     if spec is not None:
         proposal = dataclasses.replace(proposal, mesh=spec.agreement_id())
-    if mesh_error and proposal.error is None:
-        proposal = dataclasses.replace(proposal, error=mesh_error, mesh_error=True)
+    for error, kind in ((mesh_error, ErrorKind.MESH), (run_dir_error, ErrorKind.RUN_DIR)):
+        if error and proposal.error is None:
+            proposal = dataclasses.replace(proposal, error=error, error_kind=kind)
     found: Found | None = None
     record_error = ""
     if topo.rank == 0 and proposal.error is None:

@@ -10,8 +10,14 @@ import dataclasses
 
 import pytest
 
-from ddpseed.coordinator import Agreement, Proposal, Source, decide
-from ddpseed.errors import ArgumentError, SeedMismatchError, SeedValueError, TopologyError
+from ddpseed.coordinator import Agreement, ErrorKind, Proposal, Source, decide
+from ddpseed.errors import (
+    ArgumentError,
+    RunDirError,
+    SeedMismatchError,
+    SeedValueError,
+    TopologyError,
+)
 
 
 def ranks(*proposals: Proposal) -> list[Proposal]:
@@ -31,7 +37,7 @@ def test_the_record_travels_by_name_and_comes_back_whole() -> None:
         scheme=1,
         deterministic=True,
         mesh=99,
-        mesh_error=True,
+        error_kind=ErrorKind.MESH,
     )
     assert Proposal.from_values(p.values(), "why") == dataclasses.replace(p, error="why")
     assert p.values()[1:3] == (7, -1)  # None travels as -1
@@ -84,7 +90,7 @@ def test_invalid_seeds_are_listed_once_per_rank_and_nobody_is_seeded() -> None:
 
 
 def test_invalid_mesh_settings_are_an_argument_error() -> None:
-    bad = Proposal(Source.ARGUMENT, 1, error="mesh has no data dim", mesh_error=True)
+    bad = Proposal(Source.ARGUMENT, 1, error="mesh has no data dim", error_kind=ErrorKind.MESH)
     with pytest.raises(ArgumentError, match=r"invalid mesh settings on 2 of 2 ranks"):
         decide(ranks(bad, bad))
 
@@ -134,3 +140,13 @@ def test_different_mesh_settings_are_flagged_for_setup_to_show() -> None:
     a = Proposal(Source.ARGUMENT, 1, mesh=10)
     assert not decide(ranks(a, a)).mesh_differs
     assert decide(ranks(a, dataclasses.replace(a, mesh=11))).mesh_differs
+
+
+def test_an_invalid_run_dir_on_one_rank_is_a_run_dir_error_on_every_rank() -> None:
+    # It used to be raised before the agreement on that rank alone, so rank 0 waited out its
+    # timeout and then blamed the network.
+    bad = Proposal(Source.ARGUMENT, 1, error="rank 1: run_dir='' names no directory",
+                   error_kind=ErrorKind.RUN_DIR)  # fmt: skip
+    with pytest.raises(RunDirError, match=r"invalid run directory on 1 of 2 ranks(.|\n)*"
+                       r"rank 1: run_dir='' names no directory"):  # fmt: skip
+        decide(ranks(Proposal(Source.ARGUMENT, 1), bad))

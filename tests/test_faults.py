@@ -168,6 +168,19 @@ def test_run_dir_given_to_one_rank_only(tmp_path: Path, given_to: int) -> None:
     assert "differs from rank 0's" not in results[0].stderr
 
 
+def test_an_empty_run_dir_on_one_rank_stops_every_rank_at_once() -> None:
+    # Rank 1 used to raise before the agreement, alone: rank 0 waited out its timeout in the
+    # rendezvous and then blamed the port.
+    results = run(2, per_rank_env={1: {"FAULT_RUN_DIR": ""}})
+    assert_every_live_rank_failed(
+        results,
+        "RunDirError",
+        "invalid run directory on 1 of 2 ranks",
+        "rank 1: run_dir='' names no directory",
+    )
+    assert max(r.elapsed for r in results) < TIMEOUT, [r.elapsed for r in results]
+
+
 @pytest.mark.parametrize("bad", ["-1", str(2**32), "1e3", "abc", ""])
 def test_bad_seed_on_one_rank_fails_every_rank(bad: str) -> None:
     results = run(2, per_rank_env={1: {"DDPSEED_SEED": bad}})

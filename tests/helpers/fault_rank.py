@@ -14,7 +14,7 @@ import time
 import torch.distributed as dist
 
 import ddpseed
-from ddpseed import coordinator
+from ddpseed import group
 from ddpseed.topology import detect
 
 fault = os.environ.get("FAULT", "none")
@@ -32,10 +32,10 @@ try:
     if me and fault == "raise":
         raise RuntimeError("user code failed before ddpseed.setup")
     if me and fault == "kill-before":
-        coordinator.ensure_process_group(detect(), None, timeout)  # joined, then dies
+        group.ensure_process_group(detect(), None, timeout)  # joined, then dies
         die()
     if me and fault == "stall":  # joined the group, then stuck elsewhere: never calls setup
-        coordinator.ensure_process_group(detect(), None, timeout)
+        group.ensure_process_group(detect(), None, timeout)
         dist.barrier()
         sys.exit(0)
     if me and fault == "kill-during":
