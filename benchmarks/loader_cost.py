@@ -25,7 +25,7 @@ from ddpseed.measure import fmt_ratio
 
 def plain_batches(ds: loaderbench.Items, workers: int) -> Any:
     """``plan.dataloader`` whose batch sampler makes plain lists, as it does without workers."""
-    make = loaderbench._seeded_arm(ds, workers)
+    make = loaderbench.seeded_arm(ds, workers)
     make().batch_sampler.workers = 0
     return make
 
@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ds = loaderbench.Items(args.n, args.cost_ms)
     makers = {
-        "torch": loaderbench._torch_arm(ds, args.workers),
-        "plan.dataloader": loaderbench._seeded_arm(ds, args.workers),
+        "torch": loaderbench.torch_arm(ds, args.workers),
+        "plan.dataloader": loaderbench.seeded_arm(ds, args.workers),
         "without reseeding": plain_batches(ds, args.workers),
-        "torch again": loaderbench._torch_arm(ds, args.workers),
+        "torch again": loaderbench.torch_arm(ds, args.workers),
     }
     runs = paired.run_rounds(makers, args.seconds)["runs"]
     print(f"samples/s over torch's, median [95% CI], {len(runs['torch'])} rounds")

@@ -62,7 +62,7 @@ class Items(Dataset[torch.Tensor]):
         return torch.from_numpy(drawn.astype(np.float32))
 
 
-def _torch_arm(ds: Items, workers: int) -> Any:
+def torch_arm(ds: Items, workers: int) -> Any:
     sampler: DistributedSampler[int] = DistributedSampler(
         ds, num_replicas=1, rank=0, shuffle=True, seed=SEED
     )
@@ -76,7 +76,7 @@ def _torch_arm(ds: Items, workers: int) -> Any:
     return make
 
 
-def _seeded_arm(ds: Items, workers: int, randomness: str = "batch") -> Any:
+def seeded_arm(ds: Items, workers: int, randomness: str = "batch") -> Any:
     import ddpseed
 
     plan = ddpseed.setup(seed=SEED)
@@ -104,8 +104,8 @@ def loader_child(
     ``versus="batch"``: the baseline arms are ``plan.dataloader(randomness="batch")`` and the
     measured one ``randomness="sample"`` (the "torch" keys then name that baseline)."""
     ds = Items(n, cost_ms)
-    base = _seeded_arm if versus == "batch" else _torch_arm
-    measured = _seeded_arm(ds, workers, "sample" if versus == "batch" else "batch")
+    base = seeded_arm if versus == "batch" else torch_arm
+    measured = seeded_arm(ds, workers, "sample" if versus == "batch" else "batch")
     makers = {"torch": base(ds, workers), "seeded": measured, "torch_again": base(ds, workers)}
     return paired.run_rounds(makers, seconds)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from .derivation import validate_seed
 from .errors import RunDirError, SeedValueError, StateError, first_line
 from .files import atomic_write_json
+from .launchers import names_torchrun_launch
 from .topology import Topology
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,7 @@ def resolve_run_dir(
     if not topo.run_id:
         return None
     path = runs_root(env) / topo.run_id
-    if not topo.run_id.startswith("torchrun") and "-torchrun" not in topo.run_id:
-        # Not a torchrun launch (whose name ends in torchrun[-<rdzv id>], see launchers).
+    if not names_torchrun_launch(topo.run_id):
         if topo.run_id.startswith("slurm-") and not topo.run_id.endswith(".batch"):
             return RunDir(path, explicit=False, restart=restart)
         # Every program the batch script runs (step "batch") is one step, one after another

@@ -35,11 +35,9 @@ import os
 from collections.abc import Mapping
 
 from .launchers import (
-    DEFAULT_PORT,
     FluxEnvironment,
     JsrunEnvironment,
     KubeflowEnvironment,
-    Launcher,
     LauncherEnvironment,
     MpichEnvironment,
     MvapichEnvironment,
@@ -51,41 +49,12 @@ from .launchers import (
     SlurmEnvironment,
     Topology,
     TorchrunEnvironment,
-    job_port,
-    safe_name,
     slurm_job_id,
-    slurm_run_id,
-    torchrun_run_id,
 )
 
-__all__ = [
-    "DEFAULT_PORT",
-    "ENVIRONMENTS",
-    "LAUNCHER_VARIABLES",
-    "FluxEnvironment",
-    "JsrunEnvironment",
-    "KubeflowEnvironment",
-    "Launcher",
-    "LauncherEnvironment",
-    "MpichEnvironment",
-    "MvapichEnvironment",
-    "OpenMpiEnvironment",
-    "PalsEnvironment",
-    "PmixEnvironment",
-    "SageMakerEnvironment",
-    "SingleEnvironment",
-    "SlurmEnvironment",
-    "Topology",
-    "TorchrunEnvironment",
-    "choose",
-    "detect",
-    "job_port",
-    "outranked",
-    "safe_name",
-    "slurm_job_id",
-    "slurm_run_id",
-    "torchrun_run_id",
-]
+# The launcher classes and helpers themselves are ddpseed.launchers'; Topology is re-exported
+# because every module that places a rank imports it from here.
+__all__ = ["ENVIRONMENTS", "LAUNCHER_VARIABLES", "Topology", "choose", "detect", "outranked"]
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pytest
 
 from ddpseed.derivation import validate_seed
 from ddpseed.errors import SeedValueError
-from ddpseed.topology import job_port
+from ddpseed.launchers import job_port
 from helpers.procs import REPO, clean_env
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from ddpseed.errors import TopologyError
+from ddpseed.launchers import job_port
 from ddpseed.launchers import mpi as mpi_launchers
-from ddpseed.topology import ENVIRONMENTS, LAUNCHER_VARIABLES, choose, detect, job_port, outranked
+from ddpseed.topology import ENVIRONMENTS, LAUNCHER_VARIABLES, choose, detect, outranked
 from helpers.procs import clean_env
 
 

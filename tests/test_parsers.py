@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from ddpseed.errors import TopologyError
 from ddpseed.hostlist import expand_hostlist, parse_tasks_per_node
-from ddpseed.topology import SlurmEnvironment, TorchrunEnvironment, detect
+from ddpseed.launchers import SlurmEnvironment, TorchrunEnvironment
+from ddpseed.topology import detect
 
 # --- hostlists ------------------------------------------------------------------------------
 

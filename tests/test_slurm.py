@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpseed.topology import SlurmEnvironment
+from ddpseed.launchers import SlurmEnvironment
 from helpers.procs import REPO, ProcessGroup, clean_env, free_port, stop_pids
 from helpers.ranks import parse_verify
 

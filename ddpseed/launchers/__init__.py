@@ -39,7 +39,12 @@ from .mpi import (
 )
 from .schedulers import FluxEnvironment, JsrunEnvironment, PalsEnvironment
 from .slurm import SlurmEnvironment, slurm_job_id, slurm_run_id, started_by_srun
-from .torchrun import SingleEnvironment, TorchrunEnvironment, torchrun_run_id
+from .torchrun import (
+    SingleEnvironment,
+    TorchrunEnvironment,
+    names_torchrun_launch,
+    torchrun_run_id,
+)
 
 __all__ = [
     "ALLOCATION_VARIABLES",
@@ -65,6 +70,7 @@ __all__ = [
     "allocation_job",
     "job_port",
     "lsf_hosts",
+    "names_torchrun_launch",
     "safe_name",
     "slurm_job_id",
     "slurm_run_id",

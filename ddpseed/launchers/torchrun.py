@@ -67,6 +67,16 @@ def _within(step: str | None, launch: str | None) -> str | None:
     return f"{step}-{launch}"
 
 
+def names_torchrun_launch(run_id: str) -> bool:
+    """Whether ``run_id`` (a :class:`Topology`'s) names a torchrun launch, which
+    ``ddpseed.rundir`` completes with the launch key (a plain env:// launch's does not).
+
+    >>> [names_torchrun_launch(r) for r in ("torchrun-x", "slurm-7.0-torchrun", "slurm-7.0")]
+    [True, True, False]
+    """
+    return run_id.startswith("torchrun") or "-torchrun" in run_id
+
+
 def torchrun_run_id(rdzv_id: str | None) -> str | None:
     """``torchrun[-<rdzv id>]`` for a torchrun worker (None outside torchrun).
 
