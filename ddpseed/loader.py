@@ -144,6 +144,10 @@ class SeededDataLoader(DataLoader[Any]):
         # Which pass counts: a number, not a reference, so a finished pass's iterator (and the
         # shard's index list it holds) is freed when the caller's loop drops it, as with torch.
         self._latest = 0
+        # Passes numbered below this began before a load_state_dict: they must not go on.
+        self._restored = 0
+        # Restored from a state saved after its pass ended: a new pass of that epoch repeats it.
+        self._restored_finished = False
         self._warned = False
 
     # -- epoch --------------------------------------------------------------------------------
@@ -159,7 +163,7 @@ class SeededDataLoader(DataLoader[Any]):
         if self.epoch != self._epoch:
             self._epoch = self.epoch
             self._resume_at = self._position = self._passes = 0
-            self._finished = False
+            self._finished = self._restored_finished = False
             self._latest += 1
 
     # -- iteration ----------------------------------------------------------------------------
@@ -177,6 +181,19 @@ class SeededDataLoader(DataLoader[Any]):
         self._position, self._finished = start, False
         self._shard_length = len(self.sampler)  # type: ignore[arg-type]
         self._latest += 1
+        if self._restored_finished and self._shuffle and not self._warned:
+            # Warned as the pass starts, not when it ends: by then a whole epoch is replayed.
+            self._warned = True
+            warnings.warn(
+                f"loader {self.name!r} was restored from a state saved after its pass of epoch "
+                f"{self._epoch} had ended, and a second full pass of epoch {self._epoch} starts "
+                "now, in the same order. For a checkpoint taken at the end of an epoch, call "
+                "plan.set_epoch(epoch + 1) before save_state, so that it resumes with the next "
+                "epoch (README: Exact resume)",
+                UserWarning,
+                stacklevel=2,  # __iter__ <- the caller's for loop
+            )
+        self._restored_finished = False
         return _Pass(super().__iter__(), self, self._latest)
 
     def _check_ranks(self, start: int) -> None:
@@ -320,7 +337,9 @@ class SeededDataLoader(DataLoader[Any]):
         self._position, self._finished = position, bool(state["finished"])
         self._resume_at = 0 if self._finished else self._position
         self._passes = int(self._finished)
+        self._restored_finished = self._finished
         self._latest += 1
+        self._restored = self._latest
 
     def __repr__(self) -> str:
         return (
@@ -342,6 +361,14 @@ class _Pass:
         return self
 
     def __next__(self) -> Any:
+        if self.number < self._loader._restored:
+            # Its batches would be counted nowhere: the loader now holds the restored position.
+            raise StateError(
+                f"loader {self._loader.name!r} was restored (load_state / load_state_dict) "
+                "while this pass over it was running, so this pass cannot go on: its batches "
+                "would not be counted in the restored position. Start a new pass (for batch in "
+                "loader) after restoring"
+            )
         try:
             item = next(self._inner)
         except StopIteration:

@@ -245,6 +245,12 @@ class SeedPlan:
                     f"plan.dataloader() chooses the {banned} itself; build your own DataLoader "
                     f"with plan.sampler(), plan.generator() and plan.worker_init_fn instead"
                 )
+        if not kwargs.get("in_order", True):
+            raise ValueError(
+                "plan.dataloader(in_order=False): batches out of order make a count of batches "
+                "consumed say nothing of which, so a resume would repeat some samples and skip "
+                "others; leave in_order=True"
+            )
         if isinstance(dataset, IterableDataset):
             raise TypeError(
                 f"plan.dataloader() needs a map-style dataset (__getitem__ and __len__), got "

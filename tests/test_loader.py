@@ -396,3 +396,77 @@ def test_a_state_whose_rng_cannot_be_restored_changes_no_stream() -> None:
     with pytest.raises(ddpseed.StateError, match="RNG states cannot be restored"):
         plan.load_state_dict({**state, "rng": broken})
     assert torch.equal(now[0], torch.get_rng_state()) and now[1] == random.getstate()
+
+
+# -- found in the second review: loops that trained on some samples twice --------------------
+
+
+def test_in_order_false_is_refused_since_a_count_of_batches_would_not_say_which() -> None:
+    with pytest.raises(ValueError, match=r"in_order=False.*repeat some samples and skip others"):
+        make_plan().dataloader(range(16), batch_size=4, num_workers=2, in_order=False)
+
+
+def test_a_pass_running_when_its_loader_is_restored_stops_instead_of_going_uncounted(
+    tmp_path: Path,
+) -> None:
+    """A roll-back inside the loop (load_state on a NaN loss) used to leave the running pass
+    going while the restored position stayed put: a save then repeated its batches."""
+    plan = make_plan()
+    loader = plan.dataloader(range(32), batch_size=4)
+    batches = iter(loader)
+    seen = [next(batches) for _ in range(2)]
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    seen += [next(batches) for _ in range(4)]
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    with pytest.raises(ddpseed.StateError, match=r"restored .* while this pass over it"):
+        next(batches)
+    whole = [b.tolist() for b in make_plan().dataloader(range(32), batch_size=4)]
+    assert [b.tolist() for b in seen] == whole[:6]
+    assert [b.tolist() for b in loader] == whole[2:]  # from the restored position
+
+
+def _end_of_epoch_run(
+    tmp_path: Path, epochs: range, *, next_epoch_first: bool, resume: bool
+) -> list[tuple[int, list[int]]]:
+    plan = make_plan()
+    loader = plan.dataloader(range(16), batch_size=8, name="train")
+    if resume:
+        ddpseed.load_state(tmp_path / "rng.pt", plan)
+        epochs = range(plan.epoch, epochs.stop)
+    seen = []
+    for epoch in epochs:
+        plan.set_epoch(epoch)
+        seen += [(epoch, batch.tolist()) for batch in loader]
+        if next_epoch_first:
+            plan.set_epoch(epoch + 1)  # README: an end-of-epoch checkpoint names the next epoch
+        ddpseed.save_state(tmp_path / "rng.pt", plan)
+    return seen
+
+
+def test_an_end_of_epoch_checkpoint_taken_as_the_readme_says_resumes_with_the_next_epoch(
+    tmp_path: Path,
+) -> None:
+    whole = _end_of_epoch_run(tmp_path / "a", range(3), next_epoch_first=True, resume=False)
+    first = _end_of_epoch_run(tmp_path / "b", range(1), next_epoch_first=True, resume=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rest = _end_of_epoch_run(tmp_path / "b", range(3), next_epoch_first=True, resume=True)
+    assert first + rest == whole
+
+
+def test_resuming_a_finished_shuffled_pass_in_its_own_epoch_warns_before_it_replays(
+    tmp_path: Path,
+) -> None:
+    """Saved after the pass ended without moving to the next epoch: the resumed loop would
+    train the epoch again; the warning comes as that pass starts, at the caller's line."""
+    _end_of_epoch_run(tmp_path, range(1), next_epoch_first=False, resume=False)
+    plan = make_plan()
+    loader = plan.dataloader(range(16), batch_size=8, name="train")
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    assert plan.epoch == 0
+    with pytest.warns(UserWarning, match=r"second full pass of epoch 0.*set_epoch\(epoch \+ 1\)"):
+        batches = iter(loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(list(batches)) == 2  # the replay itself: warned once, before it
+    assert caught == []
