@@ -470,3 +470,31 @@ def test_resuming_a_finished_shuffled_pass_in_its_own_epoch_warns_before_it_repl
         warnings.simplefilter("always")
         assert len(list(batches)) == 2  # the replay itself: warned once, before it
     assert caught == []
+
+
+class _Draws(torch.utils.data.Dataset[float]):
+    """Each item: one draw from the global NumPy stream, or from a stream of its own."""
+
+    def __init__(self, stream: int | None) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> float:
+        if self.stream is None:
+            return float(np.random.random())
+        # README "Several loaders share the seeds": a stream of its own, exact on resume.
+        return float(np.random.default_rng((np.random.randint(2**31), self.stream)).random())
+
+
+def test_two_loaders_share_the_seeds_and_the_documented_stream_of_its_own_parts_them() -> None:
+    def draws(plan: ddpseed.SeedPlan, stream: int | None) -> list[float]:
+        loader = plan.dataloader(_Draws(stream), batch_size=4, randomness="sample")
+        return torch.cat(list(loader)).tolist()
+
+    plan = make_plan()
+    one, same, own = draws(plan, None), draws(plan, None), draws(plan, 1)
+    assert one == same  # as README says
+    assert not set(one) & set(own)
+    assert own == draws(make_plan(), 1)  # reproducible
