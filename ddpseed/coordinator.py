@@ -53,12 +53,14 @@ class ErrorKind(IntEnum):
     SEED = 0
     MESH = 1
     RUN_DIR = 2
+    ARGUMENT = 3
 
     def raise_for(self, lines: str, count: int, world_size: int) -> NoReturn:
         what, cls = {
             ErrorKind.SEED: ("invalid seed", SeedValueError),
             ErrorKind.MESH: ("invalid mesh settings", ArgumentError),
             ErrorKind.RUN_DIR: ("invalid run directory", RunDirError),
+            ErrorKind.ARGUMENT: ("invalid setup() argument", ArgumentError),
         }[self]
         raise cls(f"{what} on {count} of {world_size} ranks; no rank was seeded:\n{lines}")
 

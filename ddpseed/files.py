@@ -32,7 +32,9 @@ def file_kind(mode: int) -> str:
 
 
 @contextlib.contextmanager
-def open_regular(path: Path, what: str) -> Iterator[BinaryIO]:
+def open_regular(
+    path: Path, what: str, fix: str = "pass the path of a file written by save_state"
+) -> Iterator[BinaryIO]:
     """``path`` opened for reading, refused with :class:`StateError` unless a regular file.
 
     Opened non-blocking and checked on the descriptor, so a FIFO (whose plain open blocks until
@@ -43,10 +45,7 @@ def open_regular(path: Path, what: str) -> Iterator[BinaryIO]:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise StateError(
-                f"{what} {path} is not a regular file ({file_kind(mode)}); pass the path of "
-                "a file written by save_state"
-            )
+            raise StateError(f"{what} {path} is not a regular file ({file_kind(mode)}); {fix}")
         os.set_blocking(fd, True)
         fh = os.fdopen(fd, "rb")
     except BaseException:

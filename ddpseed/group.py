@@ -8,6 +8,7 @@ be running.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import socket
@@ -30,6 +31,31 @@ log = logging.getLogger(__name__)
 _SETTABLE = ("gloo", "nccl")
 
 
+def from_existing_group(topo: Topology) -> Topology:
+    """``topo``, or the job of a process group the script made where no launcher variables
+    describe one: the DDP tutorial's ``mp.spawn`` + ``init_process_group(rank=, world_size=)``
+    with only ``MASTER_ADDR``/``MASTER_PORT`` set. Read as one process, every rank would take
+    the same seeds and the whole dataset. The local rank (the GPU) is the rank modulo the
+    node's GPUs, as the tutorial places them."""
+    if topo.launcher != "single" or not dist.is_available() or not dist.is_initialized():
+        return topo
+    world = dist.get_world_size()
+    if world == 1:
+        return topo
+    rank, per_node = dist.get_rank(), min(world, torch.cuda.device_count() or world)
+    log.info("rank %d of %d from the process group the script made", rank, world)
+    return dataclasses.replace(
+        topo,
+        launcher="group",
+        rank=rank,
+        local_rank=rank % per_node,
+        world_size=world,
+        local_world_size=per_node,
+        node_rank=rank // per_node,
+        num_nodes=-(-world // per_node),
+    )
+
+
 def ensure_process_group(
     topo: Topology, backend: str | None, timeout: float, *, pg_timeout: float | None = None
 ) -> bool:
@@ -38,8 +64,6 @@ def ensure_process_group(
     ``timeout`` bounds the creation. The group then keeps ``pg_timeout`` seconds for its own
     collectives: torch's default for the backend when None (an existing group is left as is).
     """
-    if not topo.is_distributed:
-        return False
     if dist.is_initialized():
         if dist.get_world_size() != topo.world_size or dist.get_rank() != topo.rank:
             raise TopologyError(
@@ -49,6 +73,8 @@ def ensure_process_group(
             )
         if pg_timeout is not None:
             _set_group_timeout(pg_timeout, topo)
+        return False
+    if not topo.is_distributed:
         return False
     chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     hint = loopback_hint(topo)

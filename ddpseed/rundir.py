@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .derivation import validate_seed
 from .errors import RunDirError, SeedValueError, StateError, first_line
-from .files import atomic_write_json
+from .files import atomic_write_json, open_regular
 from .launchers import names_torchrun_launch
 from .topology import Topology
 
@@ -157,6 +157,9 @@ def resolve_run_dir(
             env.get("TORCHELASTIC_USE_AGENT_STORE"),
         )
         return None
+    # A Slurm requeue of a torchrun is a new launch with its own key: only torchrun's own
+    # restarts continue its record (and only their absence of one is worth a warning).
+    restart = restart_of({"TORCHELASTIC_RESTART_COUNT": env.get("TORCHELASTIC_RESTART_COUNT", "")})
     return RunDir(
         path, explicit=False, restart=restart, agent_store=(topo.master_addr, topo.master_port)
     )
@@ -234,7 +237,8 @@ def read_seed_record(run_dir: Path) -> SeedRecord | None:
     """The seed record in ``run_dir``, or None if there is none yet."""
     path = run_dir / SEED_FILE
     try:
-        with open(path, "rb") as fh:
+        # Not a plain open(): a FIFO there would block rank 0 past every timeout.
+        with open_regular(path, "seed record", "move it away, or pass another run_dir=") as fh:
             raw = fh.read(MAX_RECORD_BYTES + 1)
     except FileNotFoundError:
         return None

@@ -179,6 +179,30 @@ def _check_or_write(plan: SeedPlan, found: Found | None) -> tuple[str, SeedRecor
     return "", record if plan.seed_source == Source.RECORD.label else None
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _deterministic(value: object, rank: int) -> tuple[bool, str]:
+    """(whether to enable determinism, the error of a bad setting or ''): ``deterministic=``
+    must be a bool; ``DDPSEED_DETERMINISTIC`` one of the words below. Not bool(value): the
+    string "false" would be True, and a typo in the variable would quietly mean off."""
+    if value is not None:
+        if isinstance(value, bool):
+            return value, ""
+        return False, (
+            f"rank {rank}: deterministic={value!r} is a {type(value).__name__}; pass True or "
+            "False (or None to read DDPSEED_DETERMINISTIC)"
+        )
+    raw = os.environ.get(ENV_DETERMINISTIC, "")
+    word = raw.strip().lower()
+    if word in _ON or word in _OFF:
+        return word in _ON, ""
+    return False, (
+        f"rank {rank}: {ENV_DETERMINISTIC}={raw!r} is neither on ({', '.join(_ON)}) nor off "
+        f"({', '.join(repr(w) for w in _OFF)}); set one of them"
+    )
+
+
 def _check_seconds(name: str, value: object, rank: int) -> None:
     """Refuse a timeout that is not a finite number of seconds in ``(0, MAX_TIMEOUT]``.
 
@@ -292,12 +316,11 @@ def setup(
     ``distinct_dims`` (default: pp, ep and the data dims; shared along tp, cp); see
     :mod:`ddpseed.mesh`. Every rank must pass the same settings.
     """
-    topo = detect()
+    topo = group.from_existing_group(detect())
     _check_seconds("timeout", timeout, topo.rank)
     if pg_timeout is not None:
         _check_seconds("pg_timeout", pg_timeout, topo.rank)
-    if deterministic is None:
-        deterministic = os.environ.get(ENV_DETERMINISTIC, "").lower() in ("1", "true", "yes", "on")
+    deterministic, argument_error = _deterministic(deterministic, topo.rank)
     flags = tuple(enable_determinism()) if deterministic else ()
     cuda_device = local_cuda_device(topo.local_rank)
     if cuda_device is not None:
@@ -324,7 +347,11 @@ def setup(
     spec, mesh_error = _mesh_spec(mesh, data_dims, distinct_dims, topo.rank, topo.world_size)
     if spec is not None:
         proposal = dataclasses.replace(proposal, mesh=spec.agreement_id())
-    for error, kind in ((mesh_error, ErrorKind.MESH), (run_dir_error, ErrorKind.RUN_DIR)):
+    for error, kind in (
+        (mesh_error, ErrorKind.MESH),
+        (run_dir_error, ErrorKind.RUN_DIR),
+        (argument_error, ErrorKind.ARGUMENT),
+    ):
         if error and proposal.error is None:
             proposal = dataclasses.replace(proposal, error=error, error_kind=kind)
     found: Found | None = None

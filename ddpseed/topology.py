@@ -34,6 +34,7 @@ import logging
 import os
 from collections.abc import Mapping
 
+from .errors import TopologyError
 from .launchers import (
     FluxEnvironment,
     JsrunEnvironment,
@@ -109,4 +110,30 @@ def detect(environ: Mapping[str, str] | None = None) -> Topology:
             "single process; start one task per GPU with srun to get a distributed world",
             slurm_job_id(env),
         )
-    return launcher.topology()
+    topo = launcher.topology()
+    if topo.world_size == 1:
+        _warn_if_outer_world(env, launcher)
+    return topo
+
+
+def _warn_if_outer_world(env: Mapping[str, str], launcher: LauncherEnvironment) -> None:
+    """Say so when the winning launcher makes a world of one inside an outer launch of
+    several: stale ``RANK=0 WORLD_SIZE=1`` under mpirun would make every process rank 0 with
+    the whole dataset. (Not an error: srun tasks that each run a one-process job are fine.)"""
+    for outer in outranked(env):
+        try:
+            other = outer.topology()
+        except TopologyError:
+            continue
+        if other.world_size > 1:
+            log.warning(
+                "%s's variables (%s) make this process a world of one, but %s's say rank %d of "
+                "%d: every such process gets rank 0's seeds and the whole dataset. If they are "
+                "one job, unset the stale variables",
+                launcher.name,
+                launcher.why(),
+                other.launcher,
+                other.rank,
+                other.world_size,
+            )
+            return

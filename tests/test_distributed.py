@@ -100,6 +100,33 @@ def test_multiprocessing_spawn_ranks_agree(tmp_path: Path) -> None:
         assert g["shard"] == list(s)
 
 
+def _spawned_with_own_group(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    # The DDP tutorial: no launcher variables, the group made from rank= and world_size=.
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(name, None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    plan = ddpseed.setup(seed=8, timeout=60)
+    Path(out_dir, f"{rank}.json").write_text(
+        json.dumps(
+            {"rank": plan.rank, "world": plan.world_size, "shard": list(plan.sampler(range(30)))}
+        )
+    )
+    dist.destroy_process_group()
+
+
+def test_a_process_group_the_script_made_gives_the_ranks(tmp_path: Path) -> None:
+    """Before: with no launcher variables every rank was 'rank 0 of 1' (same seeds, whole
+    dataset), whatever group the script had made."""
+    mp.spawn(_spawned_with_own_group, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]
+    for r, g in enumerate(got):
+        assert g["shard"] == list(DistributedSampler(range(30), num_replicas=2, rank=r, seed=8))
+
+
 def test_demo_ends_with_identical_weights() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ddpseed", "demo", "--nproc", "2", "--epochs", "1"],

@@ -79,6 +79,22 @@ def test_mpi_across_nodes_without_a_host_is_an_error_saying_what_to_export() -> 
     assert summary(exported) == ("openmpi", 1, 1, 4, 2, 0, 2, "node0", 23456)
 
 
+def test_a_world_of_one_inside_an_outer_launch_of_several_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stale RANK=0 WORLD_SIZE=1 exported into mpirun's ranks made each of them 'rank 0 of
+    1' (the same seeds, the whole dataset) without a word."""
+    stale = {**OMPI_RANK1, "RANK": "0", "WORLD_SIZE": "1"}
+    with caplog.at_level("WARNING", logger="ddpseed.topology"):
+        assert summary(stale)[:4] == ("torchrun", 0, 0, 1)
+    assert "torchrun's variables (RANK=0" in caplog.text
+    assert "openmpi's say rank 1 of 2" in caplog.text and "unset the stale" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ddpseed.topology"):
+        detect({**OMPI_RANK1, "RANK": "1", "WORLD_SIZE": "2"})  # torchrun inside mpirun: fine
+    assert caplog.text == ""
+
+
 def test_mpirun_inside_slurm_is_openmpi_with_rank0_on_the_first_node() -> None:
     """mpirun starts its daemons with srun, so ranks also see the daemon step's SLURM_*
     (SLURM_PROCID = the node): Open MPI's variables win, the nodelist names rank 0's host."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 import ddpseed
 from ddpseed import rundir
-from helpers.procs import REPO, free_port, without_launcher
+from helpers.procs import REPO, clean_env, free_port, without_launcher
 from helpers.ranks import RankResult, parse_verify, run_ranks, torchrun
 
 RANK_SCRIPT = REPO / "tests" / "helpers" / "fault_rank.py"  # prints "OK <base seed>"
@@ -392,8 +394,6 @@ def test_torchruns_inside_one_slurm_step_keep_their_own_records(
 
 
 def dry_run(*args: str, **env: str) -> tuple[int, str]:
-    import subprocess
-
     script = REPO / "launch" / "torchrun_multi_node.sh"
     clean = without_launcher(os.environ)
     done = subprocess.run(
@@ -419,3 +419,46 @@ def test_launch_script_gives_each_c10d_job_its_own_rdzv_id() -> None:
     assert rc == 0 and "--rdzv-id=slurm-55" in out, out
     rc, out = dry_run("--rdzv=c10d", "--nnodes=2", NPROC_PER_NODE="1")
     assert rc == 2 and "RDZV=c10d on 2 nodes needs RUN_ID" in out, out
+
+
+# -- found in the setup review ------------------------------------------------------------------
+_SETUP_FIFO = """
+import sys
+
+import ddpseed
+try:
+    ddpseed.setup(seed=3, run_dir=sys.argv[1], timeout=20)
+except ddpseed.StateError as exc:
+    print("STATE_ERROR", exc)
+"""
+
+
+def test_a_fifo_as_the_seed_record_is_refused_without_blocking(tmp_path: Path) -> None:
+    # A plain open() of a FIFO waits for a writer: rank 0 hung past every timeout.
+    os.mkfifo(tmp_path / "seed.json")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _SETUP_FIFO, str(tmp_path)],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("setup blocked opening a FIFO as the seed record")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"seed record {tmp_path / 'seed.json'} is not a regular file (a FIFO)" in done.stdout
+
+
+def test_a_slurm_requeue_of_a_torchrun_is_a_new_launch_without_a_false_warning(
+    agent_store: Callable[[], None],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    agent_store()
+    with caplog.at_level("WARNING"):
+        plan = ddpseed.setup()
+    assert plan.seed_source == "entropy"
+    assert "holds no run record" not in caplog.text  # it blamed a first attempt that failed

@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,37 @@ def test_topology_and_repr() -> None:
     assert topo.launcher == "single" and topo.world_size == 1
     assert repr(topo).startswith("Topology(single rank 0/1")
     assert "base_seed=1234" in repr(plan_for(0, 1))
+
+
+@pytest.mark.parametrize(
+    ("argument", "variable", "named"),
+    [
+        ("false", None, "deterministic='false' is a str"),  # bool('false') was True
+        (1, None, "deterministic=1 is a int"),
+        (None, "enabled", "DDPSEED_DETERMINISTIC='enabled' is neither on"),  # was quietly off
+        (None, "2", "DDPSEED_DETERMINISTIC='2' is neither on"),
+    ],
+)
+def test_a_deterministic_setting_that_is_not_plainly_on_or_off_is_refused(
+    monkeypatch: pytest.MonkeyPatch, argument: object, variable: str | None, named: str
+) -> None:
+    if variable is not None:
+        monkeypatch.setenv("DDPSEED_DETERMINISTIC", variable)
+    with pytest.raises(ddpseed.ArgumentError, match=re.escape(named)):
+        ddpseed.setup(seed=1, deterministic=argument)  # type: ignore[arg-type]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_deterministic_variable_reads_its_words_whatever_the_case_and_spaces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    try:
+        for word, on in ((" True ", True), ("OFF", False), ("", False), ("yes\n", True)):
+            monkeypatch.setenv("DDPSEED_DETERMINISTIC", word)
+            plan = ddpseed.setup(seed=1)
+            assert bool(plan.manifest()["deterministic"]) is on, word
+            torch.use_deterministic_algorithms(False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False

@@ -26,6 +26,7 @@ Launcher = Literal[
     "slurm",
     "sagemaker",
     "single",
+    "group",  # no launcher variables, but a process group the script made (group.py)
 ]
 DEFAULT_PORT = 29500
 LOOPBACK = "127.0.0.1"
