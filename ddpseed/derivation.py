@@ -265,6 +265,24 @@ def batch_seed(worker_seed_value: int, ordinal: int) -> int:
     return _top32(worker_seed_value * _GOLDEN + ordinal * _ORDINAL_WEIGHT + _BATCH_DOMAIN)
 
 
+def rekeyed(seed: int, key: int) -> int:
+    """``seed`` moved by ``key`` into a family of its own; key 0 leaves it as it is.
+
+    After an elastic resume deals a loader's shards again, its batches are numbered from 0 in
+    the new shards, and on another world size or ``num_workers`` its worker slots land on slots
+    earlier epochs used: the same seeds would come back, and items would replay draws other
+    items made before the resume. So that loader's worker seeds (and the batch seeds made from
+    them) pass through this with the loader's key (:func:`ddpseed.elastic.loader_key`, kept in
+    its state): they meet earlier seeds only by chance (32 bits), not by construction.
+
+    >>> rekeyed(1234, 0), rekeyed(1234, 7) == rekeyed(1235, 7)
+    (1234, False)
+    """
+    if key == 0:
+        return seed
+    return _top32(seed * _GOLDEN + key * _EPOCH_WEIGHT + _REKEY_DOMAIN)
+
+
 def _top32(z: int) -> int:
     """The top 32 bits of splitmix64's finaliser of ``z`` mod 2**64."""
     z &= _U64
@@ -279,26 +297,28 @@ _ORDINAL_WEIGHT = 0xD1B54A32D192ED03
 _BATCH_DOMAIN = 0x2545F4914F6CDD1D  # keeps batch seeds apart from other uses of the same mixer
 
 
-def loader_seed(base: int, rank: int, epoch: int) -> int:
+def loader_seed(base: int, rank: int, epoch: int, key: int = 0) -> int:
     """The seed of a ddpseed loader's ``generator`` when it starts a pass in ``epoch``.
 
     torch draws the workers' base seed from that generator, so ``get_worker_info().seed`` is
     :func:`worker_info_seed`: a pure function of (base, rank, epoch, worker), new each epoch.
+    ``key``: the loader's key after an elastic resume dealt its shards again (see
+    :func:`rekeyed`); 0 before.
 
     >>> loader_seed(1, 0, 0) != loader_seed(1, 0, 1) != loader_seed(1, 1, 1)
     True
     """
-    _check_nonneg(base=base, rank=rank, epoch=epoch)
-    seq = np.random.SeedSequence(base, spawn_key=(3, rank, epoch))
+    _check_nonneg(base=base, rank=rank, epoch=epoch, key=key)
+    seq = np.random.SeedSequence(base, spawn_key=(3, rank, epoch, *([key] if key else [])))
     return int(seq.generate_state(1, dtype=np.uint64)[0])
 
 
-def worker_info_seed(base: int, rank: int, epoch: int, worker_id: int) -> int:
+def worker_info_seed(base: int, rank: int, epoch: int, worker_id: int, key: int = 0) -> int:
     """``get_worker_info().seed`` in worker ``worker_id`` of a ddpseed loader in ``epoch``:
     torch's first int64 draw from a generator seeded with :func:`loader_seed`, plus the id."""
     import torch  # only here: the rest of this module is plain arithmetic
 
-    gen = torch.Generator().manual_seed(loader_seed(base, rank, epoch))
+    gen = torch.Generator().manual_seed(loader_seed(base, rank, epoch, key))
     return int(torch.empty((), dtype=torch.int64).random_(generator=gen).item()) + worker_id
 
 
@@ -321,3 +341,4 @@ def sample_seed(base: int, epoch: int, index: int) -> int:
 
 _EPOCH_WEIGHT = 0xF1357AEA2E62A9C5
 _SAMPLE_DOMAIN = 0x6A09E667F3BCC909  # apart from batch seeds, which share the mixer
+_REKEY_DOMAIN = 0x3C6EF372FE94F82B  # and rekeyed seeds apart from both

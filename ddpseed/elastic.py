@@ -25,6 +25,7 @@ import numpy as np
 from .derivation import _check_nonneg as _check
 
 _RESUME_DOMAIN = 13  # SeedSequence spawn-key domain of resume seeds (loader seeds use 3)
+_KEY_DOMAIN = 17  # ... and of loader keys
 
 
 def shard_length(n: int, world: int, origin: int, drop_last: bool) -> int:
@@ -79,6 +80,19 @@ class EpochPoint:
         """Where a new world's shards of this epoch start: the first unconsumed position,
         or 0 for a finished pass (a new pass of the epoch is a whole one)."""
         return 0 if self.finished else self.global_position
+
+
+def loader_key(base: int, epoch: int, global_position: int, previous: int) -> int:
+    """The key of a loader's seeds once an elastic resume deals its shards again (never 0;
+    see :func:`ddpseed.derivation.rekeyed`): the same on every rank, from where the epoch
+    stood and the key before, so every further resume of one checkpoint gets the same one.
+
+    >>> loader_key(7, 0, 16, 0) != loader_key(7, 0, 24, 0) != 0
+    True
+    """
+    _check(base=base, epoch=epoch, position=global_position, key=previous)
+    spawn_key = (_KEY_DOMAIN, epoch, global_position, previous)
+    return int(np.random.SeedSequence(base, spawn_key=spawn_key).generate_state(1)[0]) or 1
 
 
 def resume_seed(base: int, rank: int, epoch: int, positions: tuple[int, ...]) -> int:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from .collective import call_id, disagreement, exchange
 from .compat import ELASTIC
 from .derivation import loader_seed
-from .elastic import EpochPoint, global_position
+from .elastic import EpochPoint, global_position, loader_key
 from .errors import AgreementError, StateError
 from .topology import Topology
 from .workers import RANDOMNESS, Randomness, SeededBatchSampler, WorkerInitFn
@@ -176,7 +176,7 @@ class SeededDataLoader(DataLoader[Any]):
         # torch draws the workers' base seed (get_worker_info().seed) from this generator:
         # new each epoch and rank, a pure function of them, and the global RNG is not touched.
         self.generator.manual_seed(
-            loader_seed(self._seeds.base_seed, self._seeds.rank, self._epoch)
+            loader_seed(self._seeds.base_seed, self._seeds.rank, self._epoch, self._seeds.key)
         )
         self._position, self._finished = start, False
         self._shard_length = len(self.sampler)  # type: ignore[arg-type]
@@ -263,6 +263,7 @@ class SeededDataLoader(DataLoader[Any]):
             "global_position": self.global_position(),
             "global_batch": (self.batch_size or 1) * self.sampler.num_replicas,  # type: ignore[attr-defined]
             "distributed": int(self.distributed),
+            "seed_key": self._seeds.key,
             **self.contract(),
         }
 
@@ -290,6 +291,9 @@ class SeededDataLoader(DataLoader[Any]):
         for key in ("origin", "global_position"):
             if not (isinstance(state[key], int) and 0 <= state[key] <= now["dataset_length"]):
                 return f"loader {self.name!r}: saved {key} {state[key]!r} is outside the epoch"
+        seed_key = state.get("seed_key", 0)  # absent from states of older releases
+        if isinstance(seed_key, bool) or not (isinstance(seed_key, int) and 0 <= seed_key < 2**32):
+            return f"loader {self.name!r}: saved seed_key {seed_key!r} is not in [0, 2**32)"
         now["shard_length"] = self.sampler.length_at(state["origin"])  # type: ignore[attr-defined]
         free = ELASTIC_FREE if state.get("elastic") else frozenset()
         for key, label in CONTRACT.items():
@@ -300,7 +304,7 @@ class SeededDataLoader(DataLoader[Any]):
                     f"loader {self.name!r} was saved with {label} {saved} but is now "
                     f"{label} {now[key]}; {fix}"
                 )
-        origin, position = self._placement(state)
+        origin, position, _ = self._placement(state)
         length = self.sampler.length_at(origin)  # type: ignore[attr-defined]
         if not (isinstance(state["epoch"], int) and state["epoch"] >= 0) or not (
             isinstance(position, int) and 0 <= position <= length
@@ -311,18 +315,18 @@ class SeededDataLoader(DataLoader[Any]):
             )
         return ""
 
-    def _placement(self, state: dict[str, Any]) -> tuple[int, int]:
-        """(origin, position) this loader continues ``state`` from. A state restored with
-        ``load_state(..., elastic=True)`` whose shards were another world's, batch size or
-        num_workers is dealt again from its global position (position 0 of the new shards);
-        any other state continues where it was."""
+    def _placement(self, state: dict[str, Any]) -> tuple[int, int, bool]:
+        """(origin, position, dealt again) this loader continues ``state`` from. A state
+        restored with ``load_state(..., elastic=True)`` whose shards were another world's,
+        batch size or num_workers is dealt again from its global position (position 0 of the
+        new shards); any other state continues where it was."""
         if state.get("elastic"):
             now = self.contract()
             now["shard_length"] = self.sampler.length_at(state["origin"])  # type: ignore[attr-defined]
             if any(state[key] != now[key] for key in ELASTIC_FREE):
                 point = EpochPoint(state["epoch"], state["global_position"], state["finished"])
-                return point.origin(), 0
-        return state["origin"], state["position"]
+                return point.origin(), 0, True
+        return state["origin"], state["position"], False
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` at the next ``iter()``; raises :class:`StateError` (and
@@ -332,7 +336,12 @@ class SeededDataLoader(DataLoader[Any]):
             raise StateError(f"{problem}. Nothing was restored")
         self.set_epoch(int(state["epoch"]))
         self._sync_epoch()
-        origin, position = self._placement(state)
+        origin, position, dealt_again = self._placement(state)
+        self._seeds.key = int(state.get("seed_key", 0))
+        if dealt_again:  # new shards, batches numbered from 0: seeds of their own
+            self._seeds.key = loader_key(
+                self._seeds.base_seed, state["epoch"], state["global_position"], self._seeds.key
+            )
         self.sampler.set_origin(origin)  # type: ignore[attr-defined]
         self._position, self._finished = position, bool(state["finished"])
         self._resume_at = 0 if self._finished else self._position

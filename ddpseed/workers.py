@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from torch.utils.data import BatchSampler, get_worker_info
 
-from .derivation import Scheme, batch_seed, sample_seed, worker_seed
+from .derivation import Scheme, batch_seed, rekeyed, sample_seed, worker_seed
 from .sampler import ResumableSampler
 from .seeding import capture_cpu_rngs, restore_cpu_rngs, seed_cpu, seed_worker_rngs
 
@@ -56,10 +56,12 @@ class WorkerInitFn:
         self.epoch = epoch
         self.scheme: Scheme = scheme
         self.then = then
+        # 0, or the key of a loader an elastic resume dealt again (derivation.rekeyed).
+        self.key = 0
 
     def seed_for(self, worker_id: int, num_workers: int, epoch: int | None = None) -> int:
         """The seed of worker ``worker_id`` in ``epoch`` (default: the current epoch)."""
-        return worker_seed(
+        seed = worker_seed(
             self.base_seed,
             self.rank,
             num_workers,
@@ -68,6 +70,7 @@ class WorkerInitFn:
             self.world_size,
             scheme=self.scheme,
         )
+        return rekeyed(seed, self.key)
 
     def __call__(self, worker_id: int) -> None:
         info = get_worker_info()
@@ -79,7 +82,8 @@ class WorkerInitFn:
     def __repr__(self) -> str:
         return (
             f"WorkerInitFn(base={self.base_seed}, rank={self.rank}/{self.world_size}, "
-            f"epoch={self.epoch}, scheme={self.scheme})"
+            f"epoch={self.epoch}, scheme={self.scheme}"
+            + (f", key={self.key})" if self.key else ")")
         )
 
 

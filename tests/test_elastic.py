@@ -222,3 +222,24 @@ def test_a_torn_old_file_stops_every_new_rank_of_an_elastic_resume(tmp_path: Pat
         "rank3.1.pt",
         "nothing was restored",
     )
+
+
+def test_batch_randomness_after_an_elastic_resume_draws_afresh_not_what_earlier_items_drew(
+    tmp_path: Path,
+) -> None:
+    """2 ranks (batch 4, 2 workers, randomness="batch") save after global step 1; 1 rank
+    (batch 8, 2 workers) resumes elastically. Before: the new shards numbered their batches
+    from 0 again and the new world's worker slots were old ones (epoch 1 on 1 rank = old rank
+    1's epoch 0), so items replayed the exact draws of items consumed before the save."""
+    common = {"DATA_LEN": 48, "EPOCHS": 2, "WORKERS": 2, "RANDOMNESS": "batch"}
+    state = {"STATE": tmp_path / "ckpt" / "rng.pt"}
+    first = steps(run(tmp_path, "first", 2, BATCH=4, SAVE_AT="0:1", **common, **state), 8)
+    g = 2 * 8  # the save was taken after global step 1
+    before = [i for (e, x), items in first.items() if e == 0 and x < g for i in items]
+    resumed = steps(run(tmp_path, "resumed", 1, BATCH=8, LOAD="elastic", **common, **state))
+    after = [i for items in resumed.values() for i in items]
+    assert len(after) == 48 - g + 48  # the rest of epoch 0, then epoch 1
+    drawn_before = {i[1:] for i in before}
+    drawn_after = [i[1:] for i in after]
+    assert len(set(drawn_after)) == len(drawn_after), "items after the resume drew alike"
+    assert not drawn_before & set(drawn_after), "items replayed draws made before the save"

@@ -498,3 +498,23 @@ def test_two_loaders_share_the_seeds_and_the_documented_stream_of_its_own_parts_
     assert one == same  # as README says
     assert not set(one) & set(own)
     assert own == draws(make_plan(), 1)  # reproducible
+
+
+def test_a_loader_dealt_again_by_an_elastic_resume_keeps_its_seed_key_in_its_state() -> None:
+    def loader(batch: int) -> Any:
+        return make_plan().dataloader(AugmentedBlobs(64), batch_size=batch, num_workers=2, name="t")
+
+    old = loader(4)
+    _take(old, 2)
+    dealt = loader(8)
+    dealt.load_state_dict({**old.state_dict(), "elastic": True})  # another batch size
+    key = dealt.state_dict()["seed_key"]
+    assert key != 0 and "key=" in repr(dealt._seeds)
+    batches = iter(dealt)
+    next(batches)
+    saved = dealt.state_dict()
+    rest = sums(batches)
+    again = loader(8)
+    again.load_state_dict(saved)  # an exact resume of the dealt loader keeps its key
+    assert again.state_dict()["seed_key"] == key
+    assert sums(again) == rest
