@@ -120,7 +120,7 @@ def ensure_process_group(
         )
         dist.init_process_group(
             backend=chosen,
-            store=PrefixStore(f"ddpseed/attempt_{attempt}", store),
+            store=PrefixStore(f"ddpseed/attempt_{attempt}/group_{_next_group()}", store),
             rank=topo.rank,
             world_size=topo.world_size,
             timeout=timedelta(seconds=timeout) if settable else lasting,
@@ -139,6 +139,18 @@ def ensure_process_group(
         _set_group_timeout(lasting.total_seconds(), topo)
     atexit.register(_destroy_at_exit, weakref.ref(c10d._get_default_group()), os.getpid())
     return True
+
+
+_groups_made = 0
+
+
+def _next_group() -> int:
+    """How many groups this process has asked for, this one included: the same on every rank
+    of a job. A group made again after destroy_process_group meets on the same store (the
+    torchrun agent's) under keys of its own, not the previous group's gloo addresses."""
+    global _groups_made
+    _groups_made += 1
+    return _groups_made
 
 
 def _destroy_at_exit(made: weakref.ref[dist.ProcessGroup], pid: int) -> None:

@@ -127,6 +127,33 @@ def test_a_process_group_the_script_made_gives_the_ranks(tmp_path: Path) -> None
         assert g["shard"] == list(DistributedSampler(range(30), num_replicas=2, rank=r, seed=8))
 
 
+_SETUP_AGAIN = """
+import torch
+import torch.distributed as dist
+
+import ddpseed
+
+for run in range(4):  # trainings one after another in one launch
+    plan = ddpseed.setup(seed=run, timeout=60)
+    total = torch.tensor([plan.rank + 1.0])
+    dist.all_reduce(total)
+    print(f"run {run} rank {plan.rank} sum {total.item():g}", flush=True)
+    dist.destroy_process_group()
+"""
+
+
+def test_setup_again_after_destroying_the_group_meets_under_fresh_store_keys(
+    tmp_path: Path,
+) -> None:
+    """Each new group used to meet under the previous one's store keys (torchrun's agent
+    store outlives it): gloo could read a stale address, failing about one run in three."""
+    script = tmp_path / "again.py"
+    script.write_text(_SETUP_AGAIN)
+    proc = torchrun([str(script)], nproc=2, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert all(f"run {run} rank {r} sum 3" in proc.stdout for run in range(4) for r in (0, 1))
+
+
 def test_demo_ends_with_identical_weights() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ddpseed", "demo", "--nproc", "2", "--epochs", "1"],
