@@ -163,10 +163,21 @@ def _check_or_write(plan: SeedPlan, found: Found | None) -> tuple[str, SeedRecor
     if found is None:
         return "", None
     record = found.record
+    raced = False
     if record is None:
         record = rundir.create_seed_record(found, plan.base_seed, plan.seed_source)
         if record.base_seed == plan.base_seed:
             return "", None
+        raced = True  # another launch wrote the record since rank 0 looked
+    if raced and plan.seed_source == Source.ENTROPY.label:
+        # Not "pass no seed": this launch passed none. Its seed was agreed before the record
+        # appeared, so it cannot continue the record now; another start of it can.
+        return (
+            f"another launch created {record.path} (base seed {record.base_seed}) while this "
+            f"one started with its own entropy seed {plan.base_seed}, which is now unused; "
+            "start this launch again to continue that run's seed, or give it its own run_dir=",
+            None,
+        )
     if record.base_seed != plan.base_seed:
         log.error("refusing to overwrite %s with base seed %d", record.describe(), plan.base_seed)
         return (

@@ -462,3 +462,18 @@ def test_a_slurm_requeue_of_a_torchrun_is_a_new_launch_without_a_false_warning(
         plan = ddpseed.setup()
     assert plan.seed_source == "entropy"
     assert "holds no run record" not in caplog.text  # it blamed a first attempt that failed
+
+
+def test_a_launch_that_loses_the_race_to_create_a_record_is_told_so(tmp_path: Path) -> None:
+    """Two launches started at once on one new run_dir: the one whose record came second used
+    to be told to "pass no seed" (it had passed none)."""
+    from ddpseed import startup
+    from ddpseed.topology import Topology
+
+    found = rundir.Found(rundir.RunDir(tmp_path, explicit=True), tmp_path, None, "test")
+    rundir.create_seed_record(found, 111, "entropy")  # the other launch, a moment earlier
+    topo = Topology("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 29500)
+    plan = ddpseed.SeedPlan(222, topo, source="entropy", collective=False)
+    error, _ = startup._check_or_write(plan, found)
+    assert "another launch created" in error and "(base seed 111)" in error
+    assert "entropy seed 222, which is now unused; start this launch again" in error
