@@ -97,12 +97,15 @@ def exchange(
     timeout: float,
     *,
     hint: str = "",
+    call: str = "",
 ) -> Reports:
     """Every rank's ``values`` and ``message`` on every rank; raises on every rank if a rank
     is missing, late, or in another ddpseed call.
 
     ``name`` says what the call is (``"save_state"``); ``hint`` is appended to a timeout's
-    message (what to do when only some ranks make this call on purpose).
+    message (what to do when only some ranks make this call on purpose). ``call``, if given,
+    identifies the call instead of ``name``: a name holding text that may differ between ranks
+    (a path) would make each rank blame the others for being in another collective.
     """
     if len(values) > MAX_VALUES:
         raise ValueError(f"{len(values)} values; an exchange carries at most {MAX_VALUES}")
@@ -117,12 +120,12 @@ def exchange(
         )
     global _generation
     _generation += 1
-    row = [_MARKER, call_id(name), len(values), len(text), *values]
+    row = [_MARKER, call_id(call or name), len(values), len(text), *values]
     row += [0] * (ROW_WIDTH - len(row))
     key = f"ddpseed/exchange/{_generation}"
     try:
         table: list[list[int]] = _gather(torch.tensor(row, dtype=torch.int64), timeout).tolist()
-        _check_calls(table, name, topo)
+        _check_calls(table, name, call_id(call or name), topo)
         longest = max(r[3] for r in table)
         texts = _gather_text(text, longest, timeout) if longest else [b""] * topo.world_size
     except CoordinationError:
@@ -156,8 +159,7 @@ def disagreement(reports: Reports, fields: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _check_calls(table: list[list[int]], name: str, topo: Topology) -> None:
-    mine = call_id(name)
+def _check_calls(table: list[list[int]], name: str, mine: int, topo: Topology) -> None:
     odd = [r for r, row in enumerate(table) if row[0] != _MARKER or row[1] != mine]
     if odd:
         raise CoordinationError(

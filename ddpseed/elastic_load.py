@@ -30,8 +30,11 @@ if TYPE_CHECKING:
     from .plan import SeedPlan
 
 
-def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world: int) -> None:
-    """Restore save ``save`` of ``path``, written by ``world`` ranks, onto ``plan``'s world."""
+def load_elastic(
+    path: str | os.PathLike[str], plan: SeedPlan, save: int, world: int, token: int | None
+) -> None:
+    """Restore save ``save`` of ``path``, written by ``world`` ranks, onto ``plan``'s world
+    (``token``: the save's token from its commit record, None for a record without one)."""
     from .state import raise_failures, read_state, state_path
 
     what = f"load_state({os.fspath(path)!r}, elastic=True)"
@@ -39,7 +42,7 @@ def load_elastic(path: str | os.PathLike[str], plan: SeedPlan, save: int, world:
     error, exact = None, False
     try:
         for old in range(plan.rank, world, plan.world_size):
-            states[old] = read_state(path, old, save)
+            states[old] = read_state(path, old, save, token)
             problem = _foreign(states[old], plan)
             if problem:
                 raise StateError(f"{state_path(path, old, save)}: {problem}")

@@ -3,18 +3,21 @@
 ``save_state("ckpt/rng.pt", plan)`` on every rank writes save number N:
 
 1. rank 0 reads the commit record ``ckpt/rng.commit.json`` (the last complete save, N - 1) and
-   every rank learns N;
+   draws a token for this save; every rank learns N and the token, and the ranks check that
+   they were given one path and stand at one epoch and position (else nothing is written);
 2. each rank writes its own file ``ckpt/rng.rank<r>.<N>.pt`` (temp file, fsync, rename; put
    ``{rank}`` in the path to place the files yourself: ``ckpt/{rank}/rng.pt`` writes
    ``ckpt/<r>/rng.<N>.pt`` and the record ``ckpt/0/rng.commit.json``);
-3. only when every rank has written does rank 0 replace the commit record with N; only then
-   does each rank delete its own older files (and temp files left by a killed save).
+3. only when every rank has written does rank 0 replace the commit record with N (and the
+   token, and the name of rank 0's files, so that another path sharing the record's name is
+   refused); only then does each rank delete its own older files (and temp files left by a
+   killed save).
 
 A save that fails or is killed on any rank therefore leaves the commit record on N - 1, whose
 files are all still there: the previous complete checkpoint loads. ``load_state`` reads the
 commit record on rank 0, and every rank loads its file of that save, verifies it (SHA-256 of its
-content, format, save number, seed, world size) and checks with the others that they resume at
-the same epoch and positions; only if all of that holds does any rank restore anything.
+content, format, save number and token, seed, world size) and checks with the others that they
+resume at the same epoch and positions; only if all of that holds does any rank restore anything.
 
 A state file holds only tensors, ints, floats, strings, None, lists and dicts, so
 ``torch.load(path, weights_only=True)`` reads it without any allow-list. Each call is
@@ -28,15 +31,16 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from .collective import call_id, disagreement, exchange
+from .collective import Reports, call_id, disagreement, exchange, strip_rank
 from .compat import ELASTIC
-from .errors import AgreementError, ArgumentError, StateError, first_line
+from .errors import AgreementError, ArgumentError, StateError, first_line, shown
 from .files import atomic_write_bytes, atomic_write_json, open_regular
 
 if TYPE_CHECKING:
@@ -44,6 +48,16 @@ if TYPE_CHECKING:
 
 FORMAT = "ddpseed.state/3"
 COMMIT_FORMAT = "ddpseed.checkpoint/2"  # /2: the record names the world size that saved
+# Save numbers, world sizes and tokens travel as int64 exchange values: well inside that.
+LIMIT = 2**62
+
+
+class Commit(NamedTuple):
+    """What a commit record says: the last complete save of a path."""
+
+    save: int
+    world_size: int
+    token: int | None  # None: written by a ddpseed without per-save tokens
 
 
 def digest(value: Any) -> str:
@@ -93,6 +107,18 @@ def state_path(path: str | os.PathLike[str], rank: int, save: int) -> Path:
     return base.with_name(f"{base.name}.{save}{suffix}")
 
 
+def rank0_files(path: str | os.PathLike[str]) -> str:
+    """The name of rank 0's files of ``path`` ("{save}" for the number), kept in the commit
+    record: paths that differ only after the last dot share one record, and this tells whose
+    checkpoint it commits.
+
+    >>> rank0_files("ckpt/rng.step100"), rank0_files("ckpt/{rank}/rng.pt")
+    ('rng.rank0.{save}.step100', 'rng.{save}.pt')
+    """
+    base, suffix = _rank_base(path, 0)
+    return f"{base.name}.{{save}}{suffix}"
+
+
 def commit_path(path: str | os.PathLike[str]) -> Path:
     """The commit record: which save of ``path`` is complete (beside rank 0's files).
 
@@ -109,30 +135,52 @@ def read_commit(path: str | os.PathLike[str]) -> int | None:
     return None if found is None else found[0]
 
 
-def read_commit_record(path: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """(save number, world size that wrote it) of the last complete save, or None."""
+def read_commit_record(path: str | os.PathLike[str]) -> Commit | None:
+    """The last complete save of ``path``, or None if there is none.
+
+    Raises :class:`StateError` if the record cannot be read, is corrupted, or commits the
+    checkpoint of another path that shares its name (see :func:`rank0_files`).
+    """
     record = commit_path(path)
     try:
         with open_regular(record, "commit record") as fh:
             text = fh.read().decode(errors="replace")
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a name the OS cannot take
         raise StateError(f"cannot read commit record {record}: {exc}") from exc
     try:
         data = json.loads(text)
         save, world = data["save"], data["world_size"]
-        if data.get("format") != COMMIT_FORMAT or not isinstance(save, int) or save < 1:
-            raise ValueError(f"format {data.get('format')!r}, save {save!r}")
-        if not isinstance(world, int) or world < 1:
-            raise ValueError(f"world_size {world!r}")
+        token, files = data.get("token"), data.get("rank0_files", rank0_files(path))
+        if data.get("format") != COMMIT_FORMAT or not _counts(save):
+            raise ValueError(f"format {data.get('format')!r}, save {shown(save)}")
+        if not _counts(world):
+            raise ValueError(f"world_size {shown(world)}")
+        if not (token is None or _counts(token)) or not isinstance(files, str):
+            raise ValueError(f"token {shown(token)}, rank0_files {shown(files)}")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise StateError(
             f"commit record {record} is corrupted ({type(exc).__name__}: {first_line(exc)}); "
             'restore it from a backup, or write {"format": "' + COMMIT_FORMAT + '", '
             '"save": N, "world_size": W} naming the last save whose W rank files are all present'
         ) from None
-    return save, world
+    if files != rank0_files(path):
+        raise StateError(
+            f"commit record {record} commits the checkpoint whose rank 0 files are {files!r}, "
+            f"not those of {os.fspath(path)!r} ({rank0_files(path)!r}): paths that differ "
+            "only after the last dot (or in where {rank} goes) share one commit record, which "
+            "holds one checkpoint. To load that checkpoint pass the path it was saved with; to "
+            "keep checkpoints side by side give each its own stem or directory (e.g. "
+            "rng_step200.pt, not rng.step200), or save every checkpoint to one fixed path "
+            "(saves are numbered; the last complete one is kept)"
+        )
+    return Commit(save, world, token)
+
+
+def _counts(value: object) -> bool:
+    """A save number, world size or token: an int in [1, LIMIT) (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < LIMIT
 
 
 def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
@@ -140,24 +188,49 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
 
     Collective in a distributed job. If any rank cannot write (disk full, read-only
     directory, killed), every rank raises :class:`StateError` naming it, and the previous
-    complete checkpoint stays loadable. Returns this rank's file.
+    complete checkpoint stays loadable. Ranks given different paths, or standing at
+    different epochs or loader positions, are refused before anything is written. Returns
+    this rank's file.
     """
-    what = f"save_state({os.fspath(path)!r})"
-    number, error = 0, None
-    try:
-        if plan.rank == 0:
-            number = (read_commit(path) or 0) + 1
-        state = plan.state_dict()
-    except StateError as exc:
-        error = str(exc)
-    begun = exchange(what, (number,), error, plan.topology, plan.timeout)
-    raise_failures(begun.lines(), what, plan, "nothing was written")
-    number = begun.values[0][0]
+    text, error = _path_text(path, plan.rank, "save_state")
+    bad_path = error is not None
+    what = f"save_state({text!r})"
+    number, token, where, state = 0, 0, 0, {}
+    if not bad_path:
+        try:
+            if plan.rank == 0:
+                number = (read_commit(path) or 0) + 1
+                token = secrets.randbits(62) or 1  # tells this save's files from any other's
+            state = plan.state_dict()
+            where = _position_key(state)
+        except StateError as exc:
+            error = str(exc)
+    begun = _begin("save_state", what, text, bad_path, (number, token, where), error, plan)
+    number, token = begun.values[0][2:4]
+    if len({v[4] for v in begun.values}) > 1:
+        # Files of ranks at different steps would load as one checkpoint that no step wrote,
+        # and committing them would delete the previous good one.
+        listed = "\n".join(
+            f"  rank {r}: epoch {s}" for r, s in enumerate(_gather_positions(state, plan, what))
+        )
+        raise AgreementError(
+            f"{what}: the ranks stand at different epochs or loader positions, so their files "
+            f"would not resume one step; nothing was written and {_previous(number)}:\n"
+            f"{listed}\nfix: call save_state at the same step on every rank (every rank must "
+            "take the same number of batches; a loader of one rank alone needs "
+            "distributed=False)"
+        )
     target = state_path(path, plan.rank, number)
     error = None
     try:
         buffer = io.BytesIO()
-        payload = {"format": FORMAT, "save": number, "digest": digest(state), "state": state}
+        payload = {
+            "format": FORMAT,
+            "save": number,
+            "token": token,
+            "digest": digest(state),
+            "state": state,
+        }
         torch.save(payload, buffer)
         atomic_write_bytes(target, buffer.getvalue(), what=f"rank {plan.rank} state")
     except StateError as exc:
@@ -173,6 +246,8 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
                     "format": COMMIT_FORMAT,
                     "save": number,
                     "world_size": plan.world_size,
+                    "token": token,
+                    "rank0_files": rank0_files(path),
                     "epoch": plan.epoch,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 },
@@ -184,6 +259,81 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
     raise_failures(committed.lines(), what, plan, _previous(number))
     _remove_other_saves(path, plan.rank, keep=number)
     return target
+
+
+def _path_text(path: object, rank: int, call: str) -> tuple[str, str | None]:
+    """``path`` as text, and why it is no path (None if it is one).
+
+    Asked of every rank before any collective: a path that fails only where it is first
+    used (rank 0 reading the commit record) would leave the other ranks waiting for it.
+    """
+    text = os.fspath(path) if isinstance(path, str | os.PathLike) else None
+    if not isinstance(text, str):
+        return "", (
+            f"rank {rank}: {call}(path={shown(path, 200)}): the path's type is "
+            f"{type(path).__name__}, not str or an os.PathLike of str; pass e.g. "
+            "'ckpt/rng.pt' (os.fsdecode turns bytes into str)"
+        )
+    if "\0" in text:
+        return "", (
+            f"rank {rank}: {call}({text!r}): the path contains a NUL byte, which no file name "
+            "can hold; pass the path without it"
+        )
+    return text, None
+
+
+def _begin(
+    call: str,
+    what: str,
+    text: str,
+    bad_path: bool,
+    values: tuple[int, ...],
+    error: str | None,
+    plan: SeedPlan,
+) -> Reports:
+    """The first exchange of ``call``: every rank's values after (bad path, path id).
+
+    Its identity is the call alone, not the path, so ranks given different paths meet here
+    and are told so, instead of each blaming the others for being in another collective.
+    Raises on every rank for a bad path, different paths, or a rank's error.
+    """
+    outcome = "nothing was written" if call == "save_state" else "nothing was restored"
+    begun = exchange(
+        what, (int(bad_path), call_id(text), *values), error, plan.topology, plan.timeout, call=call
+    )
+    bad = [r for r, v in enumerate(begun.values) if v[0]]
+    if bad:
+        lines = "\n".join(f"  rank {r}: {strip_rank(begun.messages[r], r)}" for r in bad)
+        raise ArgumentError(
+            f"{call}: invalid path on {len(bad)} of {plan.world_size} ranks; {outcome}:\n{lines}"
+        )
+    if len({v[1] for v in begun.values}) > 1:
+        paths = _every_rank(f"{call} (paths)", text, plan)
+        example = _rank_template(paths) or "ckpt/rank{rank}/rng.pt"
+        listed = "\n".join(f"  rank {r}: {p!r}" for r, p in enumerate(paths))
+        raise ArgumentError(
+            f"{call}: the ranks were given different paths, so their files would not form one "
+            f"checkpoint; {outcome}:\n{listed}\nfix: pass one path on every rank; to give "
+            "each rank its own place put {rank} in it, which ddpseed fills in (e.g. "
+            f"{example!r}), instead of formatting the rank into the path yourself"
+        )
+    raise_failures(begun.lines(), what, plan, outcome)
+    return begun
+
+
+def _rank_template(paths: list[str]) -> str | None:
+    """The path with "{rank}" that gives every rank's path, if one does (the rank formatted
+    in by the script).
+
+    >>> _rank_template(["ck/rank0/rng.pt", "ck/rank1/rng.pt"]), _rank_template(["a", "b"])
+    ('ck/rank{rank}/rng.pt', None)
+    """
+    first = paths[0]
+    for at in (i for i, c in enumerate(first) if c == "0"):
+        template = f"{first[:at]}{{rank}}{first[at + 1 :]}"
+        if all(template.replace("{rank}", str(r)) == p for r, p in enumerate(paths)):
+            return template
+    return None
 
 
 def _previous(number: int) -> str:
@@ -216,8 +366,14 @@ def _remove_other_saves(path: str | os.PathLike[str], rank: int, keep: int) -> N
                     entry.unlink()
 
 
-def read_state(path: str | os.PathLike[str], rank: int, save: int) -> dict[str, Any]:
-    """Load and verify rank ``rank``'s file of save ``save``; raises :class:`StateError`."""
+def read_state(
+    path: str | os.PathLike[str], rank: int, save: int, token: int | None = None
+) -> dict[str, Any]:
+    """Load and verify rank ``rank``'s file of save ``save``; raises :class:`StateError`.
+
+    ``token``: the save's token from the commit record (None: a record without one, whose
+    files are not checked for it).
+    """
     target = state_path(path, rank, save)
     try:
         with open_regular(target, "state file") as fh:
@@ -244,6 +400,14 @@ def read_state(path: str | os.PathLike[str], rank: int, save: int) -> dict[str, 
             f"state file {target} belongs to save {payload.get('save')!r}, not save {save} that "
             f"{commit_path(path)} names: files of different saves were mixed; copy back every "
             "rank's file of one save"
+        )
+    if token is not None and payload.get("token") != token:
+        raise StateError(
+            f"state file {target} was written by another save_state call than the save {save} "
+            f"that {commit_path(path)} records (token {shown(payload.get('token'))} in the file, "
+            f"{token} in the record): files of different saves were mixed (another run's save of "
+            "the same number, or two jobs saving into one directory); copy back every rank's "
+            "file of one save"
         )
     state = payload.get("state")
     if not isinstance(state, dict) or digest(state) != payload.get("digest"):
@@ -283,27 +447,28 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = 
             f"rank {plan.rank}: load_state(elastic=True) does not support a device mesh yet "
             f"(mesh {plan.mesh.describe()}); resume on the saved mesh without elastic=True"
         )
-    what = f"load_state({os.fspath(path)!r})"
-    number, world, error = 0, 0, None
-    if plan.rank == 0:
+    text, error = _path_text(path, plan.rank, "load_state")
+    bad_path = error is not None
+    what = f"load_state({text!r})"
+    number, world, token = 0, 0, 0
+    if plan.rank == 0 and not bad_path:
         try:
             found = read_commit_record(path)
             if found is None:
                 raise StateError(
-                    f"no checkpoint at {os.fspath(path)}: its commit record "
+                    f"no checkpoint at {text}: its commit record "
                     f"{commit_path(path)} does not exist (no save_state to that path completed "
                     "on every rank); pass the path given to save_state, or start fresh"
                 )
-            number, world = found
+            number, world, token = found.save, found.world_size, found.token or 0
         except StateError as exc:
             error = str(exc)
-    begun = exchange(what, (number, world), error, plan.topology, plan.timeout)
-    raise_failures(begun.lines(), what, plan, "nothing was restored")
-    number, world = begun.values[0]
+    begun = _begin("load_state", what, text, bad_path, (number, world, token), error, plan)
+    number, world, token = begun.values[0][2:5]
     if elastic:
         from .elastic_load import load_elastic  # it reads files with this module's functions
 
-        load_elastic(path, plan, number, world)
+        load_elastic(path, plan, number, world, token or None)
         return
     if world != plan.world_size:
         raise StateError(
@@ -314,7 +479,7 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = 
     state: dict[str, Any] = {}
     error = None
     try:
-        state = read_state(path, plan.rank, number)
+        state = read_state(path, plan.rank, number, token or None)
         plan.check_state(state, source=str(state_path(path, plan.rank, number)))
     except StateError as exc:
         error = str(exc)
@@ -323,12 +488,12 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = 
     )
     raise_failures(checked.lines(), what, plan, "nothing was restored")
     if disagreement(checked, ["epoch and loader positions"]):
-        shown = "\n".join(
+        listed = "\n".join(
             f"  rank {r}: epoch {s}" for r, s in enumerate(_gather_positions(state, plan, what))
         )
         raise AgreementError(
             f"{what}: the ranks' files of save {number} resume at different epochs or "
-            f"positions, so the shards would no longer line up; nothing was restored:\n{shown}\n"
+            f"positions, so the shards would no longer line up; nothing was restored:\n{listed}\n"
             "fix: restore every rank's files from one save_state"
         )
     plan.load_state_dict(state, source=str(state_path(path, plan.rank, number)))
@@ -340,5 +505,10 @@ def _gather_positions(state: dict[str, Any], plan: SeedPlan, what: str) -> list[
         f"loader {n!r} at {s.get('position')}" + (" (pass finished)" if s.get("finished") else "")
         for n, s in sorted(state.get("loaders", {}).items())
     )
-    shown = exchange(what + " (positions)", (), mine, plan.topology, plan.timeout)
+    return _every_rank(what + " (positions)", mine, plan)
+
+
+def _every_rank(name: str, mine: str, plan: SeedPlan) -> list[str]:
+    """Every rank's ``mine``, by rank (only on a mismatch path)."""
+    shown = exchange(name, (), mine, plan.topology, plan.timeout)
     return [shown.messages.get(r, "?") for r in range(plan.world_size)]

@@ -1,7 +1,8 @@
 """Inputs ddpseed must refuse by name instead of hanging, crashing or carrying on (issue 12).
 
-Timeouts, seed strings, Slurm nodelists, state paths that are not regular files, and the rank
-prefix of errors shared between ranks. Multi-rank cases run real gloo processes (as in
+Timeouts, seed strings, Slurm nodelists, state paths that are not regular files, the rank
+prefix of errors shared between ranks, and checkpoint paths and commit records that are no
+checkpoint's. Multi-rank cases run real gloo processes (as in
 tests/test_faults.py) and assert every rank's exit status, message and time to fail.
 """
 
@@ -28,7 +29,7 @@ from ddpseed.derivation import SEED_SPACE, validate_seed
 from ddpseed.errors import DDPSeedError, SeedValueError, StateError, TopologyError
 from ddpseed.files import atomic_write_bytes
 from ddpseed.hostlist import expand_hostlist
-from ddpseed.state import COMMIT_FORMAT, commit_path, read_state, state_path
+from ddpseed.state import COMMIT_FORMAT, commit_path, read_commit_record, read_state, state_path
 from ddpseed.topology import detect
 from helpers.procs import REPO, clean_env, processes_carrying, without_launcher
 from helpers.ranks import RankResult, run_ranks
@@ -374,3 +375,97 @@ def test_load_failures_carry_one_rank_prefix_on_every_rank(tmp_path: Path) -> No
             assert f"  rank {rank}: state file {tmp_path}/x.rank{rank}.1.pt of save 1" in err
         no_doubled_prefix(err)
         assert elapsed(r) < TIMEOUT, err
+
+
+# --- 6. checkpoint paths and commit records ---------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["save", "load"])
+@pytest.mark.parametrize("kind", ["bytes", "nul"])
+def test_a_path_that_is_no_path_stops_every_rank_at_once(
+    tmp_path: Path, call: str, kind: str
+) -> None:
+    """Only rank 0 used to touch the path (the commit record) and fail there, alone; the other
+    rank waited out its timeout."""
+    env = {
+        **setup_env(seed=1, timeout=TIMEOUT),
+        f"INPUT_{call.upper()}": str(tmp_path / "rng.pt"),
+        "INPUT_PATH_AS": kind,
+    }
+    results = run(2, env=env)
+    reason = {"bytes": "the path's type is bytes", "nul": "the path contains a NUL byte"}[kind]
+    errors = [error_of(r) for r in results]
+    assert errors[0] == errors[1], errors
+    assert f"ArgumentError: {call}_state: invalid path on 2 of 2 ranks" in errors[0], errors[0]
+    for rank in (0, 1):
+        assert f"  rank {rank}: {call}_state(" in errors[0] and reason in errors[0], errors[0]
+    no_doubled_prefix(errors[0])
+    assert all(elapsed(r) < PROMPT for r in results), errors
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("save", 2**63),  # an exchange carries int64: it used to fail there, as if a rank died
+        ("save", 2**62),
+        ("save", True),
+        ("world_size", 2**64),
+        ("token", 0),
+        ("token", 2**62),
+        ("rank0_files", 7),
+    ],
+)
+def test_a_commit_record_with_values_no_exchange_carries_is_corrupted(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    record = {"format": COMMIT_FORMAT, "save": 1, "world_size": 2, field: value}
+    commit_path(tmp_path / "rng.pt").write_text(json.dumps(record))
+    with pytest.raises(StateError) as info:
+        read_commit_record(tmp_path / "rng.pt")
+    message = str(info.value)
+    assert "is corrupted" in message and field in message, message
+
+
+@pytest.mark.parametrize("call", ["save", "load"])
+def test_a_huge_save_number_in_the_commit_record_is_named_on_every_rank(
+    tmp_path: Path, call: str
+) -> None:
+    commit_path(tmp_path / "rng.pt").write_text(
+        json.dumps({"format": COMMIT_FORMAT, "save": 2**63, "world_size": 2})
+    )
+    env = {**setup_env(seed=1, timeout=TIMEOUT), f"INPUT_{call.upper()}": str(tmp_path / "rng.pt")}
+    for r in run(2, env=env):
+        err = error_of(r)
+        assert f"StateError: {call}_state(" in err and "failed on 1 of 2 ranks" in err, err
+        assert f"commit record {commit_path(tmp_path / 'rng.pt')} is corrupted" in err, err
+        assert "never reached" not in err and elapsed(r) < PROMPT, err
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("rng.step100", "rng.step200"), ("{rank}/rng.pt", "0/rng.pt")],
+)
+def test_paths_sharing_a_commit_record_cannot_take_each_others_checkpoint(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """Paths that differ only after the last dot (or in where {rank} goes) have one commit
+    record: saving the second used to make the first's checkpoint unloadable."""
+    plan = ddpseed.SeedPlan(3, detect({}))
+    ddpseed.save_state(tmp_path / first, plan)
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for call in (ddpseed.save_state, ddpseed.load_state):
+        with pytest.raises(StateError) as info:
+            call(tmp_path / second, plan)
+        message = str(info.value)
+        assert f"commit record {commit_path(tmp_path / first)} commits the checkpoint" in message
+        assert f"not those of {str(tmp_path / second)!r}" in message, message
+        assert "give each its own stem or directory" in message, message
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files
+    ddpseed.load_state(tmp_path / first, plan)
+    # A record written before records named their files (an older ddpseed) commits any path.
+    record = commit_path(tmp_path / first)
+    data = json.loads(record.read_text())
+    del data["rank0_files"], data["token"]
+    record.write_text(json.dumps(data))
+    ddpseed.load_state(tmp_path / first, plan)

@@ -6,6 +6,7 @@ the timeout plus a margin (the rank script prints ELAPSED on failure; see run_ca
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -158,6 +159,89 @@ def test_files_of_different_saves_are_refused_on_every_rank(tmp_path: Path) -> N
         "rank 1: state file",
         "belongs to save 1, not save 2",
     )
+
+
+@pytest.mark.parametrize("load", ["load", "load-elastic"])
+def test_a_file_of_another_save_with_the_same_number_is_refused_on_every_rank(
+    tmp_path: Path, load: str
+) -> None:
+    """Two runs (same seed and data, different model initialisation) each save once into
+    their own directory; rank 1's file of run b lands in run a's (a restore mix-up). Same save
+    number, same positions: only the per-save token tells the files apart (it used to load,
+    rank 1 resuming run b's RNGs)."""
+    for run, draws in (("a", 3), ("b", 5)):
+        assert_all_ok(
+            run_case(2, f"rand:{draws},steps:2,save", env={"STATE": f"{tmp_path}/{run}/rng.pt"})
+        )
+    tokens = {
+        run: json.loads((tmp_path / run / "rng.commit.json").read_text())["token"] for run in "ab"
+    }
+    mixed = tmp_path / "a" / "rng.rank1.1.pt"
+    shutil.copy(tmp_path / "b" / "rng.rank1.1.pt", mixed)
+    results = run_case(2, f"loader,{load},pos", env={"STATE": str(tmp_path / "a" / "rng.pt")})
+    messages = assert_all_failed(
+        results,
+        "StateError",
+        "failed on 1 of 2 ranks; nothing was restored",
+        f"rank 1: state file {mixed} was written by another save_state call than the save 1",
+        f"(token {tokens['b']} in the file, {tokens['a']} in the record)",
+        "files of different saves were mixed",
+        "copy back every rank's file of one save",
+    )
+    assert len(set(messages)) == 1
+    assert not any("POS" in r.stdout for r in results)
+
+
+def test_a_save_with_ranks_at_different_positions_is_refused_and_keeps_the_last_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """Rank 1 takes one extra batch before save 2: the save used to be accepted and delete
+    save 1, leaving no checkpoint that loads."""
+    env = {"STATE": str(tmp_path / "rng.pt")}
+    results = run_case(
+        2,
+        "steps:2,save,steps:2,save",
+        env=env,
+        per_rank={1: {"ACTIONS": "steps:2,save,steps:3,save"}},
+    )
+    messages = assert_all_failed(
+        results,
+        "AgreementError",
+        "save_state(",
+        "the ranks stand at different epochs or loader positions",
+        "nothing was written and the previous complete checkpoint (save 1) is intact",
+        "rank 0: epoch 0, loader 'train' at 16",
+        "rank 1: epoch 0, loader 'train' at 20",
+        "call save_state at the same step on every rank",
+    )
+    assert len(set(messages)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "rng.commit.json",
+        "rng.rank0.1.pt",
+        "rng.rank1.1.pt",
+    ]
+    resumed = run_case(2, "loader,load,pos", env=env)
+    assert_all_ok(resumed)
+    assert positions(resumed) == [(0, 8), (0, 8)]
+
+
+@pytest.mark.parametrize("actions", ["steps:1,save", "loader,load"])
+def test_paths_with_the_rank_formatted_in_stop_every_rank_naming_the_template(
+    tmp_path: Path, actions: str
+) -> None:
+    """f"ckpt/rank{rank}/rng.pt" formatted by the script: the ranks used to blame each other
+    for being "in another collective"."""
+    call = actions.rsplit(",", 1)[1] + "_state"
+    per_rank = {r: {"STATE": str(tmp_path / f"rank{r}" / "rng.pt")} for r in (0, 1)}
+    messages = assert_all_failed(
+        run_case(2, actions, per_rank=per_rank),
+        f"ArgumentError: {call}: the ranks were given different paths",
+        f"rank 0: '{tmp_path}/rank0/rng.pt'",
+        f"rank 1: '{tmp_path}/rank1/rng.pt'",
+        f"put {{rank}} in it, which ddpseed fills in (e.g. '{tmp_path}/rank{{rank}}/rng.pt')",
+    )
+    assert len(set(messages)) == 1 and "another collective" not in messages[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_long_error_reaches_every_rank_whole(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ DATA_LEN, BATCH, WORKERS, SHUFFLE, DROP_LAST, RANDOMNESS, EPOCH, SCHEME, DETERMI
 
   loader        plan.dataloader(range(DATA_LEN), ...) named "train"
   steps:N       consume N more batches of one iter(loader) (made first if needed)
+  rand:N        draw N numbers from torch's RNG (a model's initialisation)
   save / load   ddpseed.save_state / load_state(STATE)
   load-elastic  ddpseed.load_state(STATE, elastic=True)
   destroy       dist.destroy_process_group()
@@ -25,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 import ddpseed
@@ -74,6 +76,8 @@ try:
             batches = batches or iter(loader)
             for _ in range(int(action.split(":")[1])):
                 next(batches)
+        elif action.startswith("rand:"):
+            torch.rand(int(action.split(":")[1]))
         elif action == "save":
             ddpseed.save_state(env["STATE"], plan)
         elif action == "load":
