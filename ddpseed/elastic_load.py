@@ -35,7 +35,8 @@ def load_elastic(
 ) -> None:
     """Restore save ``save`` of ``path``, written by ``world`` ranks, onto ``plan``'s world
     (``token``: the save's token from its commit record, None for a record without one)."""
-    from .state import raise_failures, read_state, state_path
+    from .commit import state_path
+    from .state import raise_failures, read_state
 
     what = f"load_state({os.fspath(path)!r}, elastic=True)"
     states: dict[int, dict[str, Any]] = {}

@@ -25,11 +25,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ddpseed
+from ddpseed.commit import COMMIT_FORMAT, commit_path, read_commit_record, state_path
 from ddpseed.derivation import SEED_SPACE, validate_seed
 from ddpseed.errors import DDPSeedError, SeedValueError, StateError, TopologyError
 from ddpseed.files import atomic_write_bytes
 from ddpseed.hostlist import expand_hostlist
-from ddpseed.state import COMMIT_FORMAT, commit_path, read_commit_record, read_state, state_path
+from ddpseed.state import read_state
 from ddpseed.topology import detect
 from helpers.procs import REPO, clean_env, processes_carrying, without_launcher
 from helpers.ranks import RankResult, run_ranks
