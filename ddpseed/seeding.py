@@ -25,6 +25,7 @@ from .errors import TopologyError
 log = logging.getLogger(__name__)
 
 CUBLAS_WORKSPACE = ":4096:8"
+ENV_DETERMINISTIC = "DDPSEED_DETERMINISTIC"
 
 
 def seed_cpu(seed: int) -> None:
@@ -130,6 +131,30 @@ def seed_process(seed: int, *, cuda_device: int | None) -> None:
     seed_cpu(seed)
     if cuda_device is not None:
         seed_cuda(seed, cuda_device)
+
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def determinism_setting(value: object, rank: int) -> tuple[bool, str]:
+    """(whether to enable determinism, the error of a bad setting or ''): ``deterministic=``
+    must be a bool; ``DDPSEED_DETERMINISTIC`` one of the words below. Not bool(value): the
+    string "false" would be True, and a typo in the variable would quietly mean off."""
+    if value is not None:
+        if isinstance(value, bool):
+            return value, ""
+        return False, (
+            f"rank {rank}: deterministic={value!r} is a {type(value).__name__}; pass True or "
+            "False (or None to read DDPSEED_DETERMINISTIC)"
+        )
+    raw = os.environ.get(ENV_DETERMINISTIC, "")
+    word = raw.strip().lower()
+    if word in _ON or word in _OFF:
+        return word in _ON, ""
+    return False, (
+        f"rank {rank}: {ENV_DETERMINISTIC}={raw!r} is neither on ({', '.join(_ON)}) nor off "
+        f"({', '.join(repr(w) for w in _OFF)}); set one of them"
+    )
 
 
 def enable_determinism() -> list[str]:

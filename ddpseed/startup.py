@@ -35,7 +35,7 @@ from .files import atomic_write_json
 from .mesh import MeshSpec, spec_of, spec_of_shape
 from .plan import DEFAULT_TIMEOUT, SeedPlan
 from .rundir import MANIFEST_FILE, SEED_FILE, Found, RunDir, SeedRecord
-from .seeding import enable_determinism, local_cuda_device, seed_process
+from .seeding import determinism_setting, enable_determinism, local_cuda_device, seed_process
 from .topology import Topology, detect
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENV_SEED = "DDPSEED_SEED"
-ENV_DETERMINISTIC = "DDPSEED_DETERMINISTIC"
 # Far beyond any job, and clear of the timedelta and microsecond-counter overflows that larger
 # values reach in torch.
 MAX_TIMEOUT = 1e9
@@ -190,30 +189,6 @@ def _check_or_write(plan: SeedPlan, found: Found | None) -> tuple[str, SeedRecor
     return "", record if plan.seed_source == Source.RECORD.label else None
 
 
-_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
-def _deterministic(value: object, rank: int) -> tuple[bool, str]:
-    """(whether to enable determinism, the error of a bad setting or ''): ``deterministic=``
-    must be a bool; ``DDPSEED_DETERMINISTIC`` one of the words below. Not bool(value): the
-    string "false" would be True, and a typo in the variable would quietly mean off."""
-    if value is not None:
-        if isinstance(value, bool):
-            return value, ""
-        return False, (
-            f"rank {rank}: deterministic={value!r} is a {type(value).__name__}; pass True or "
-            "False (or None to read DDPSEED_DETERMINISTIC)"
-        )
-    raw = os.environ.get(ENV_DETERMINISTIC, "")
-    word = raw.strip().lower()
-    if word in _ON or word in _OFF:
-        return word in _ON, ""
-    return False, (
-        f"rank {rank}: {ENV_DETERMINISTIC}={raw!r} is neither on ({', '.join(_ON)}) nor off "
-        f"({', '.join(repr(w) for w in _OFF)}); set one of them"
-    )
-
-
 def _check_seconds(name: str, value: object, rank: int) -> None:
     """Refuse a timeout that is not a finite number of seconds in ``(0, MAX_TIMEOUT]``.
 
@@ -331,7 +306,7 @@ def setup(
     _check_seconds("timeout", timeout, topo.rank)
     if pg_timeout is not None:
         _check_seconds("pg_timeout", pg_timeout, topo.rank)
-    deterministic, argument_error = _deterministic(deterministic, topo.rank)
+    deterministic, argument_error = determinism_setting(deterministic, topo.rank)
     flags = tuple(enable_determinism()) if deterministic else ()
     cuda_device = local_cuda_device(topo.local_rank)
     if cuda_device is not None:
