@@ -107,14 +107,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         AugmentedBlobs(args.samples // 4), batch_size=args.batch_size, shuffle=False, name="val"
     )
     step, start_epoch, resumed_from = 0, 0, None
-    model_ckpt = args.ckpt_dir / "model.pt" if args.ckpt_dir else None
-    rng_ckpt = args.ckpt_dir / "rng.pt" if args.ckpt_dir else None
-    if model_ckpt is not None and rng_ckpt is not None and model_ckpt.exists():
-        saved = torch.load(model_ckpt, weights_only=True)
+    ckpt = args.ckpt_dir / "ckpt.pt" if args.ckpt_dir else None
+    if ckpt is not None and (args.ckpt_dir / "ckpt.commit.json").exists():
+        # Model, optimizer and step were saved in the same unit as RNGs and data positions.
+        saved = ddpseed.load_state(ckpt, plan)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         step = resumed_from = int(saved["step"])
-        ddpseed.load_state(rng_ckpt, plan)
         start_epoch = plan.epoch
     if args.probe:  # the DDP tutorial's batch-size probe: must not move the resume position
         assert len(next(iter(loader))[0]) == args.batch_size
@@ -131,15 +130,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             trace.append((step, float(x.double().sum()), float(loss)))
             if args.val_every and step % args.val_every == 0:
                 trace.append((step, -1.0, evaluate(model, val)))
-            if model_ckpt is not None and rng_ckpt is not None and step % args.every == 0:
-                ddpseed.save_state(rng_ckpt, plan)
-                if plan.rank == 0:
-                    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
-                    tmp = model_ckpt.with_suffix(".tmp")
-                    torch.save(state, tmp)
-                    os.replace(tmp, model_ckpt)
-                if plan.world_size > 1:
-                    dist.barrier()
+            if ckpt is not None and step % args.every == 0:
+                # Every rank keeps the (DDP-identical) model: one atomic unit per save.
+                extra = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
+                ddpseed.save_state(ckpt, plan, extra=extra)
             if step == args.kill_at_step and restart == 0 and plan.rank == args.kill_rank:
                 os.kill(os.getpid(), signal.SIGKILL)
     result = {

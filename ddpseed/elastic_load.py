@@ -32,18 +32,21 @@ if TYPE_CHECKING:
 
 def load_elastic(
     path: str | os.PathLike[str], plan: SeedPlan, save: int, world: int, token: int | None
-) -> None:
+) -> Any:
     """Restore save ``save`` of ``path``, written by ``world`` ranks, onto ``plan``'s world
-    (``token``: the save's token from its commit record, None for a record without one)."""
+    (``token``: the save's token from its commit record, None for a record without one).
+    Returns the ``extra=`` of the old rank with this rank's number, None where there was none
+    (new ranks beyond the old world)."""
     from .commit import state_path
     from .state import raise_failures, read_state
 
     what = f"load_state({os.fspath(path)!r}, elastic=True)"
     states: dict[int, dict[str, Any]] = {}
-    error, exact = None, False
+    error, exact, extra = None, False, None
     try:
         for old in range(plan.rank, world, plan.world_size):
-            states[old] = read_state(path, old, save, token)
+            states[old], kept = read_state(path, old, save, token)
+            extra = kept if old == plan.rank else extra
             problem = _foreign(states[old], plan)
             if problem:
                 raise StateError(f"{state_path(path, old, save)}: {problem}")
@@ -66,7 +69,7 @@ def load_elastic(
         own = states[plan.rank]
         own["loaders"] = {n: _elastic(s) for n, s in own["loaders"].items()}
         plan.load_state_dict(own, source=str(state_path(path, plan.rank, save)))
-        return
+        return extra
     error = None
     state: dict[str, Any] = {}
     try:
@@ -77,6 +80,7 @@ def load_elastic(
     checked = exchange(what + " (check)", (), error, plan.topology, plan.timeout)
     raise_failures(checked.lines(), what, plan, "nothing was restored")
     plan.load_state_dict(state, source=what)
+    return extra
 
 
 def _foreign(state: dict[str, Any], plan: SeedPlan) -> str:

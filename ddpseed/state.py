@@ -33,7 +33,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -86,8 +86,20 @@ def _feed(h: Any, value: Any) -> None:
         h.update(json.dumps(value).encode())
 
 
-def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
+class Saved(NamedTuple):
+    """What one rank's file of a save holds, verified."""
+
+    state: dict[str, Any]  # the plan's state
+    extra: Any  # what save_state(extra=...) kept beside it on that rank, or None
+
+
+def save_state(path: str | os.PathLike[str], plan: SeedPlan, *, extra: Any = None) -> Path:
     """Write this rank's ``plan.state_dict()`` as part of one checkpoint of every rank.
+
+    ``extra`` (tensors and plain values: ``{"model": model.state_dict(), "opt":
+    opt.state_dict(), "step": step}``) is written in the same file, so it commits with the
+    RNGs and positions as one unit: a job killed between two separate saves cannot pair a
+    model of one step with the data position of another. :func:`load_state` returns it.
 
     Collective in a distributed job. If any rank cannot write (disk full, read-only
     directory, killed), every rank raises :class:`StateError` naming it, and the previous
@@ -134,6 +146,8 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
             "digest": digest(state),
             "state": state,
         }
+        if extra is not None:
+            payload.update(extra=extra, extra_digest=_extra_digest(extra, plan.rank))
         torch.save(payload, buffer)
         atomic_write_bytes(target, buffer.getvalue(), what=f"rank {plan.rank} state")
     except StateError as exc:
@@ -162,6 +176,17 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan) -> Path:
     raise_failures(committed.lines(), what, plan, _previous(number))
     remove_other_saves(path, plan.rank, keep=number)
     return target
+
+
+def _extra_digest(extra: Any, rank: int) -> str:
+    try:
+        return digest(extra)
+    except (TypeError, ValueError) as exc:  # json.dumps of a value that is no plain value
+        raise StateError(
+            f"rank {rank}: save_state(extra=...) holds something that is not a tensor or a "
+            f"plain value ({first_line(exc)}); keep tensors, numbers, strings, None, lists, "
+            "tuples and dicts, as model.state_dict() and opt.state_dict() are"
+        ) from None
 
 
 def _begin(
@@ -220,7 +245,7 @@ def raise_failures(lines: list[str], what: str, plan: SeedPlan, outcome: str) ->
 
 def read_state(
     path: str | os.PathLike[str], rank: int, save: int, token: int | None = None
-) -> dict[str, Any]:
+) -> Saved:
     """Load and verify rank ``rank``'s file of save ``save``; raises :class:`StateError`.
 
     ``token``: the save's token from the commit record (None: a record without one, whose
@@ -267,7 +292,13 @@ def read_state(
             f"state file {target} is corrupted (its SHA-256 digest does not match its "
             "content); resume from an earlier checkpoint"
         )
-    return state
+    extra = payload.get("extra")
+    if "extra" in payload and digest(extra) != payload.get("extra_digest"):
+        raise StateError(
+            f"state file {target} is corrupted (the SHA-256 digest of its extra= does not match "
+            "it); resume from an earlier checkpoint"
+        )
+    return Saved(state, extra)
 
 
 def _position_key(state: dict[str, Any]) -> int:
@@ -280,8 +311,9 @@ def _position_key(state: dict[str, Any]) -> int:
     return call_id(json.dumps([state.get("epoch"), where], default=str))
 
 
-def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = False) -> None:
-    """Restore this rank's RNGs, epoch and loader positions from the last complete save.
+def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = False) -> Any:
+    """Restore this rank's RNGs, epoch and loader positions from the last complete save, and
+    return what ``save_state(extra=...)`` kept beside them on this rank (None if nothing).
 
     Collective in a distributed job. Every rank verifies its file first; only if all are
     sound, from the same save and at the same epoch and positions does any rank restore, so
@@ -320,8 +352,7 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = 
     if elastic:
         from .elastic_load import load_elastic  # it reads files with this module's functions
 
-        load_elastic(path, plan, number, world, token or None)
-        return
+        return load_elastic(path, plan, number, world, token or None)
     if world != plan.world_size:
         raise StateError(
             f"rank {plan.rank}: {what}: save {number} was written by {world} ranks but this job "
@@ -329,9 +360,9 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = 
             f"restored. Resume with the saved number of ranks, or {ELASTIC}"
         )
     state: dict[str, Any] = {}
-    error = None
+    error, extra = None, None
     try:
-        state = read_state(path, plan.rank, number, token or None)
+        state, extra = read_state(path, plan.rank, number, token or None)
         plan.check_state(state, source=str(state_path(path, plan.rank, number)))
     except StateError as exc:
         error = str(exc)
@@ -349,6 +380,7 @@ def load_state(path: str | os.PathLike[str], plan: SeedPlan, *, elastic: bool = 
             "fix: restore every rank's files from one save_state"
         )
     plan.load_state_dict(state, source=str(state_path(path, plan.rank, number)))
+    return extra
 
 
 def _gather_positions(state: dict[str, Any], plan: SeedPlan, what: str) -> list[str]:

@@ -12,8 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers.ranks import RankResult, assert_bounded, run_ranks
+import ddpseed
+from helpers.ranks import RankResult, assert_bounded, run_ranks, torchrun
 
 SCRIPT = Path(__file__).parent / "helpers" / "loader_rank.py"
 TIMEOUT = 15.0
@@ -303,3 +305,49 @@ def test_an_unnamed_loader_under_another_creation_number_stops_every_rank(
         "(epoch 0, position 8)",
         "pass name='loader1'",
     )
+
+
+# -- extra=: the model kept in the same unit as the RNGs and positions -------------------------
+_EXTRA = """
+import sys
+
+import torch
+
+import ddpseed
+
+plan = ddpseed.setup(seed=1, timeout=60)
+path = sys.argv[1]
+ddpseed.save_state(path, plan, extra={"rank": plan.rank, "w": torch.full((2,), plan.rank + 0.5)})
+back = ddpseed.load_state(path, plan)
+print(f"rank {plan.rank} got {back['rank']} {back['w'].tolist()}", flush=True)
+bad = {"device": torch.device("cpu")} if plan.rank == 1 else None  # not a plain value
+try:
+    ddpseed.save_state(path, plan, extra=bad)
+except ddpseed.StateError as exc:
+    print(f"rank {plan.rank} refused: {'not a tensor or a plain value' in str(exc)}", flush=True)
+print(f"rank {plan.rank} still {ddpseed.load_state(path, plan)['rank']}", flush=True)
+"""
+
+
+def test_extra_commits_with_the_save_and_comes_back_to_its_own_rank(tmp_path: Path) -> None:
+    """A model saved apart from save_state could be of another step after a kill between the
+    two (batches silently skipped); extra= makes it one unit."""
+    script = tmp_path / "extra.py"
+    script.write_text(_EXTRA)
+    proc = torchrun([str(script), str(tmp_path / "ckpt.pt")], nproc=2, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank} got {rank} [{rank + 0.5}, {rank + 0.5}]" in proc.stdout
+        assert f"rank {rank} refused: True" in proc.stdout  # every rank, for rank 1's extra
+        assert f"rank {rank} still {rank}" in proc.stdout  # the previous save still loads
+
+
+def test_a_changed_extra_is_refused_as_corrupted(tmp_path: Path) -> None:
+    plan = ddpseed.setup(seed=1)
+    ddpseed.save_state(tmp_path / "ckpt.pt", plan, extra={"w": torch.zeros(2)})
+    target = tmp_path / "ckpt.rank0.1.pt"
+    payload = torch.load(target, weights_only=True)
+    payload["extra"]["w"][0] = 9.0
+    torch.save(payload, target)
+    with pytest.raises(ddpseed.StateError, match=r"digest of its extra= does not match"):
+        ddpseed.load_state(tmp_path / "ckpt.pt", plan)
