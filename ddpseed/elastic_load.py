@@ -35,10 +35,11 @@ def load_elastic(
 ) -> Any:
     """Restore save ``save`` of ``path``, written by ``world`` ranks, onto ``plan``'s world
     (``token``: the save's token from its commit record, None for a record without one).
-    Returns the ``extra=`` of the old rank with this rank's number, None where there was none
-    (new ranks beyond the old world)."""
+    Returns the ``extra=`` of the old rank with this rank's number (ranks beyond the old world:
+    of old rank ``rank % world``; under DDP every rank's model is the same)."""
     from .commit import state_path
-    from .state import raise_failures, read_state
+    from .payload import read_state
+    from .state import raise_failures
 
     what = f"load_state({os.fspath(path)!r}, elastic=True)"
     states: dict[int, dict[str, Any]] = {}
@@ -50,6 +51,8 @@ def load_elastic(
             problem = _foreign(states[old], plan)
             if problem:
                 raise StateError(f"{state_path(path, old, save)}: {problem}")
+        if plan.rank >= world:  # a new rank: the extra of the old rank it wraps onto
+            extra = read_state(path, plan.rank % world, save, token).extra
         if world == plan.world_size:
             try:
                 plan.check_state(states[plan.rank])

@@ -144,7 +144,7 @@ def determinism_setting(value: object, rank: int) -> tuple[bool, str]:
         if isinstance(value, bool):
             return value, ""
         return False, (
-            f"rank {rank}: deterministic={value!r} is a {type(value).__name__}; pass True or "
+            f"rank {rank}: deterministic={value!r} is of type {type(value).__name__}; pass True or "
             "False (or None to read DDPSEED_DETERMINISTIC)"
         )
     raw = os.environ.get(ENV_DETERMINISTIC, "")

@@ -19,23 +19,18 @@ commit record on rank 0, and every rank loads its file of that save, verifies it
 content, format, save number and token, seed, world size) and checks with the others that they
 resume at the same epoch and positions; only if all of that holds does any rank restore anything.
 
-A state file holds only tensors, ints, floats, strings, None, lists and dicts, so
-``torch.load(path, weights_only=True)`` reads it without any allow-list. Each call is
+What a rank's file holds, and how it is verified, is :mod:`ddpseed.payload`'s. Each call is
 collective in a distributed job: every rank must make it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .collective import Reports, call_id, disagreement, exchange, strip_rank
 from .commit import (
@@ -50,47 +45,12 @@ from .commit import (
     state_path,
 )
 from .compat import ELASTIC
-from .errors import AgreementError, ArgumentError, StateError, first_line, shown
-from .files import atomic_write_bytes, atomic_write_json, open_regular
+from .errors import AgreementError, ArgumentError, StateError, first_line
+from .files import atomic_write_bytes, atomic_write_json
+from .payload import encode, read_state
 
 if TYPE_CHECKING:
     from .plan import SeedPlan
-
-FORMAT = "ddpseed.state/3"
-
-
-def digest(value: Any) -> str:
-    """SHA-256 over a state's structure and bytes (dict order does not matter)."""
-    h = hashlib.sha256()
-    _feed(h, value)
-    return h.hexdigest()
-
-
-def _feed(h: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(value, dict):
-        h.update(b"{")
-        for key in sorted(value):
-            h.update(json.dumps(key).encode())
-            _feed(h, value[key])
-        h.update(b"}")
-    elif isinstance(value, list | tuple):
-        h.update(b"[")
-        for item in value:
-            _feed(h, item)
-        h.update(b"]")
-    else:
-        h.update(json.dumps(value).encode())
-
-
-class Saved(NamedTuple):
-    """What one rank's file of a save holds, verified."""
-
-    state: dict[str, Any]  # the plan's state
-    extra: Any  # what save_state(extra=...) kept beside it on that rank, or None
 
 
 def save_state(path: str | os.PathLike[str], plan: SeedPlan, *, extra: Any = None) -> Path:
@@ -138,20 +98,14 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan, *, extra: Any = Non
     target = state_path(path, plan.rank, number)
     error = None
     try:
-        buffer = io.BytesIO()
-        payload = {
-            "format": FORMAT,
-            "save": number,
-            "token": token,
-            "digest": digest(state),
-            "state": state,
-        }
-        if extra is not None:
-            payload.update(extra=extra, extra_digest=_extra_digest(extra, plan.rank))
-        torch.save(payload, buffer)
-        atomic_write_bytes(target, buffer.getvalue(), what=f"rank {plan.rank} state")
+        data = encode(number, token, state, extra, plan.rank)
+        atomic_write_bytes(target, data, what=f"rank {plan.rank} state")
     except StateError as exc:
         error = str(exc)
+    except Exception as exc:  # whatever torch.save makes of extra=: every rank hears of it
+        error = (
+            f"rank {plan.rank}: writing its state failed ({type(exc).__name__}: {first_line(exc)})"
+        )
     written = exchange(what + " (write)", (), error, plan.topology, plan.timeout)
     raise_failures(written.lines(), what, plan, _previous(number))
     error = None
@@ -176,17 +130,6 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan, *, extra: Any = Non
     raise_failures(committed.lines(), what, plan, _previous(number))
     remove_other_saves(path, plan.rank, keep=number)
     return target
-
-
-def _extra_digest(extra: Any, rank: int) -> str:
-    try:
-        return digest(extra)
-    except (TypeError, ValueError) as exc:  # json.dumps of a value that is no plain value
-        raise StateError(
-            f"rank {rank}: save_state(extra=...) holds something that is not a tensor or a "
-            f"plain value ({first_line(exc)}); keep tensors, numbers, strings, None, lists, "
-            "tuples and dicts, as model.state_dict() and opt.state_dict() are"
-        ) from None
 
 
 def _begin(
@@ -241,64 +184,6 @@ def raise_failures(lines: list[str], what: str, plan: SeedPlan, outcome: str) ->
             f"{what} failed on {len(lines)} of {plan.world_size} ranks; {outcome}:\n"
             + "\n".join(f"  {line}" for line in lines)
         )
-
-
-def read_state(
-    path: str | os.PathLike[str], rank: int, save: int, token: int | None = None
-) -> Saved:
-    """Load and verify rank ``rank``'s file of save ``save``; raises :class:`StateError`.
-
-    ``token``: the save's token from the commit record (None: a record without one, whose
-    files are not checked for it).
-    """
-    target = state_path(path, rank, save)
-    try:
-        with open_regular(target, "state file") as fh:
-            payload = torch.load(fh, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StateError(
-            f"state file {target} of save {save} (the one {commit_path(path)} names) does not "
-            "exist; copy every rank's file of that save back, or resume from another checkpoint"
-        ) from None
-    except StateError:
-        raise
-    except Exception as exc:
-        raise StateError(
-            f"state file {target} is truncated or not a ddpseed state file "
-            f"({type(exc).__name__}: {first_line(exc)[:200]}); resume from an earlier checkpoint"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise StateError(
-            f"{target} is not a ddpseed state file (format {found!r}, expected {FORMAT!r})"
-        )
-    if payload.get("save") != save:
-        raise StateError(
-            f"state file {target} belongs to save {payload.get('save')!r}, not save {save} that "
-            f"{commit_path(path)} names: files of different saves were mixed; copy back every "
-            "rank's file of one save"
-        )
-    if token is not None and payload.get("token") != token:
-        raise StateError(
-            f"state file {target} was written by another save_state call than the save {save} "
-            f"that {commit_path(path)} records (token {shown(payload.get('token'))} in the file, "
-            f"{token} in the record): files of different saves were mixed (another run's save of "
-            "the same number, or two jobs saving into one directory); copy back every rank's "
-            "file of one save"
-        )
-    state = payload.get("state")
-    if not isinstance(state, dict) or digest(state) != payload.get("digest"):
-        raise StateError(
-            f"state file {target} is corrupted (its SHA-256 digest does not match its "
-            "content); resume from an earlier checkpoint"
-        )
-    extra = payload.get("extra")
-    if "extra" in payload and digest(extra) != payload.get("extra_digest"):
-        raise StateError(
-            f"state file {target} is corrupted (the SHA-256 digest of its extra= does not match "
-            "it); resume from an earlier checkpoint"
-        )
-    return Saved(state, extra)
 
 
 def _position_key(state: dict[str, Any]) -> int:

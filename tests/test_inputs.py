@@ -30,7 +30,7 @@ from ddpseed.derivation import SEED_SPACE, validate_seed
 from ddpseed.errors import DDPSeedError, SeedValueError, StateError, TopologyError
 from ddpseed.files import atomic_write_bytes
 from ddpseed.hostlist import expand_hostlist
-from ddpseed.state import read_state
+from ddpseed.payload import read_state
 from ddpseed.topology import detect
 from helpers.procs import REPO, clean_env, processes_carrying, without_launcher
 from helpers.ranks import RankResult, run_ranks

@@ -251,8 +251,8 @@ def test_topology_and_repr() -> None:
 @pytest.mark.parametrize(
     ("argument", "variable", "named"),
     [
-        ("false", None, "deterministic='false' is a str"),  # bool('false') was True
-        (1, None, "deterministic=1 is a int"),
+        ("false", None, "deterministic='false' is of type str"),  # bool('false') was True
+        (1, None, "deterministic=1 is of type int"),
         (None, "enabled", "DDPSEED_DETERMINISTIC='enabled' is neither on"),  # was quietly off
         (None, "2", "DDPSEED_DETERMINISTIC='2' is neither on"),
     ],
