@@ -111,6 +111,7 @@ def ensure_process_group(
     )
     settable = lasting is not None and hasattr(c10d, "_set_pg_timeout") and chosen in _SETTABLE
     deadline = time.monotonic() + timeout
+    prefix = f"ddpseed/attempt_{attempt}/group_{_next_group()}"
     try:
         if topo.rank != 0:
             _wait_for_listener(topo.master_addr, topo.master_port, deadline)
@@ -118,14 +119,17 @@ def ensure_process_group(
         store, _, _ = next(
             rendezvous(url, topo.rank, topo.world_size, timeout=timedelta(seconds=remaining))
         )
+        _check_world(PrefixStore(prefix + "/world", store), topo)
         dist.init_process_group(
             backend=chosen,
-            store=PrefixStore(f"ddpseed/attempt_{attempt}/group_{_next_group()}", store),
+            store=PrefixStore(prefix, store),
             rank=topo.rank,
             world_size=topo.world_size,
             timeout=timedelta(seconds=timeout) if settable else lasting,
             **kwargs,  # type: ignore[arg-type]
         )
+    except TopologyError:
+        raise
     except Exception as exc:
         role = "listen" if topo.rank == 0 else "reach rank 0"
         raise CoordinationError(
@@ -139,6 +143,21 @@ def ensure_process_group(
         _set_group_timeout(lasting.total_seconds(), topo)
     atexit.register(_destroy_at_exit, weakref.ref(c10d._get_default_group()), os.getpid())
     return True
+
+
+def _check_world(store: PrefixStore, topo: Topology) -> None:
+    """Compare world sizes through the rendezvous store before gloo/NCCL connect: a rank that
+    counts another world waits in the connect for ranks that never come (about five times
+    the timeout, then blaming the port). Rank 0 hears every rank; the others hear rank 0."""
+    store.set(str(topo.rank), str(topo.world_size))
+    for other in range(1, topo.world_size) if topo.rank == 0 else (0,):
+        theirs = int(store.get(str(other)))
+        if theirs != topo.world_size:
+            raise TopologyError(
+                f"rank {topo.rank}: this rank's {topo.launcher} environment says world size "
+                f"{topo.world_size}, rank {other}'s says {theirs}; every rank must be started "
+                "with the same world size (WORLD_SIZE or the launcher's equivalent)"
+            )
 
 
 _groups_made = 0

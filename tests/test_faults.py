@@ -74,6 +74,16 @@ def test_healthy_job_agrees() -> None:
     assert [r.stdout.strip() for r in results] == ["OK 5"] * 3
 
 
+def test_ranks_started_with_different_world_sizes_stop_at_once_naming_both() -> None:
+    """Before: the gloo connect waited for a rank that never came, about five times the
+    timeout, then blamed the port (rank 1 says world 3, rank 0 says 2)."""
+    results = run(2, per_rank_env={1: {"WORLD_SIZE": "3"}})
+    errs = assert_every_live_rank_failed(results, "TopologyError")
+    assert "world size 2, rank 1's says 3" in errs[0]
+    assert "world size 3, rank 0's says 2" in errs[1]
+    assert all(r.elapsed < TIMEOUT / 2 for r in results), [r.elapsed for r in results]
+
+
 def test_rank_raises_before_setup() -> None:
     results = run(3, "raise", 1)
     assert "user code failed" in results[1].stderr and results[1].returncode == 1
