@@ -1,8 +1,8 @@
 """Whether a saved plan state belongs to this run: pure comparisons of two records.
 
 A plan state (``plan.state_dict()``) records the run that saved it: the *identity* below. A
-resume compares it with this run's before anything is restored; the loaders' own contract is
-:data:`ddpseed.loader.CONTRACT`.
+resume compares it with this run's before anything is restored. So does a loader's state with
+the loader it would continue (:data:`CONTRACT`, asked by ``SeededDataLoader.mismatch``).
 """
 
 from __future__ import annotations
@@ -76,3 +76,36 @@ def plan_state_problem(state: Any, now: Mapping[str, Any]) -> str:
     if not isinstance(rng, dict) or any(k not in rng for k in RNG_KEYS):
         return f"its RNG states lack {list(RNG_KEYS)}; not a ddpseed plan state"
     return identity_problem(state, now)
+
+
+# What a loader's state must match to continue it: state key -> how a message names it.
+CONTRACT = {
+    "dataset_length": "dataset length",
+    "batch_size": "batch size",
+    "drop_last": "drop_last",
+    "shuffle": "shuffle",
+    "num_workers": "num_workers",
+    "num_replicas": "shards (ranks)",
+    "shard_length": "shard length",
+    "randomness": "randomness (0 'batch', 1 'sample')",
+    "sample_order": "sample order",
+    "stream": "stream",
+}
+_OR_ELASTIC = "; or " + ELASTIC
+# What an elastic resume may change: the world, the per-rank batch and the workers.
+ELASTIC_FREE = frozenset({"batch_size", "num_workers", "num_replicas", "shard_length"})
+# States saved before a field existed read as this value: torch's order (sample order 0).
+LEGACY = {"sample_order": 0, "stream": 0}
+LOADER_FIXES = {
+    "sample_order": "a position only means something in the order it was saved in (0: torch's "
+    "DistributedSampler order, assumed for states that do not record one; 2 and up: "
+    "ScalableDistributedSampler's order, ddpseed.permutation.ORDER_VERSION); resume with the "
+    "saved sampler and the ddpseed release that saved it",
+    "num_workers": "per-batch worker seeds depend on the number of workers, so the resumed "
+    "batches would differ; resume with the saved num_workers" + _OR_ELASTIC,
+    "num_replicas": "resume with the saved number of ranks" + _OR_ELASTIC,
+    "batch_size": "resume with the saved batch size" + _OR_ELASTIC,
+    "randomness": "its samples would draw from other seeds; resume with the saved mode",
+    "stream": "its samples would draw from another stream's seeds; resume with the saved "
+    "plan.dataloader(stream=...)",
+}

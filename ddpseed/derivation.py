@@ -297,28 +297,31 @@ _ORDINAL_WEIGHT = 0xD1B54A32D192ED03
 _BATCH_DOMAIN = 0x2545F4914F6CDD1D  # keeps batch seeds apart from other uses of the same mixer
 
 
-def loader_seed(base: int, rank: int, epoch: int, key: int = 0) -> int:
+def loader_seed(base: int, rank: int, epoch: int, key: int = 0, stream: int = 0) -> int:
     """The seed of a ddpseed loader's ``generator`` when it starts a pass in ``epoch``.
 
     torch draws the workers' base seed from that generator, so ``get_worker_info().seed`` is
     :func:`worker_info_seed`: a pure function of (base, rank, epoch, worker), new each epoch.
     ``key``: the loader's key after an elastic resume dealt its shards again (see
-    :func:`rekeyed`); 0 before.
+    :func:`rekeyed`); 0 before. ``stream``: the loader's ``stream=``.
 
     >>> loader_seed(1, 0, 0) != loader_seed(1, 0, 1) != loader_seed(1, 1, 1)
     True
     """
-    _check_nonneg(base=base, rank=rank, epoch=epoch, key=key)
-    seq = np.random.SeedSequence(base, spawn_key=(3, rank, epoch, *([key] if key else [])))
+    _check_nonneg(base=base, rank=rank, epoch=epoch, key=key, stream=stream)
+    keyed = (key, stream) if key or stream else ()  # none: the seeds of earlier releases
+    seq = np.random.SeedSequence(base, spawn_key=(3, rank, epoch, *keyed))
     return int(seq.generate_state(1, dtype=np.uint64)[0])
 
 
-def worker_info_seed(base: int, rank: int, epoch: int, worker_id: int, key: int = 0) -> int:
+def worker_info_seed(
+    base: int, rank: int, epoch: int, worker_id: int, key: int = 0, stream: int = 0
+) -> int:
     """``get_worker_info().seed`` in worker ``worker_id`` of a ddpseed loader in ``epoch``:
     torch's first int64 draw from a generator seeded with :func:`loader_seed`, plus the id."""
     import torch  # only here: the rest of this module is plain arithmetic
 
-    gen = torch.Generator().manual_seed(loader_seed(base, rank, epoch, key))
+    gen = torch.Generator().manual_seed(loader_seed(base, rank, epoch, key, stream))
     return int(torch.empty((), dtype=torch.int64).random_(generator=gen).item()) + worker_id
 
 

@@ -35,48 +35,46 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from .collective import call_id, disagreement, exchange
-from .compat import ELASTIC
+from .compat import CONTRACT, ELASTIC_FREE, LEGACY, LOADER_FIXES
 from .derivation import loader_seed
 from .elastic import EpochPoint, global_position, loader_key
 from .errors import AgreementError, StateError
 from .topology import Topology
 from .workers import RANDOMNESS, Randomness, SeededBatchSampler, WorkerInitFn
 
-# What a loader's state must match to continue it: state key -> how a message names it.
-CONTRACT = {
-    "dataset_length": "dataset length",
-    "batch_size": "batch size",
-    "drop_last": "drop_last",
-    "shuffle": "shuffle",
-    "num_workers": "num_workers",
-    "num_replicas": "shards (ranks)",
-    "shard_length": "shard length",
-    "randomness": "randomness (0 'batch', 1 'sample')",
-    "sample_order": "sample order",
-}
-_ELASTIC = "; or " + ELASTIC
-# What an elastic resume may change: the world, the per-rank batch and the workers.
-ELASTIC_FREE = frozenset({"batch_size", "num_workers", "num_replicas", "shard_length"})
-# States saved before a field existed read as this value: torch's order (sample order 0).
-_LEGACY = {"sample_order": 0}
-_FIXES = {
-    "sample_order": "a position only means something in the order it was saved in (0: torch's "
-    "DistributedSampler order, assumed for states that do not record one; 2 and up: "
-    "ScalableDistributedSampler's order, ddpseed.permutation.ORDER_VERSION); resume with the "
-    "saved sampler and the ddpseed release that saved it",
-    "num_workers": "per-batch worker seeds depend on the number of workers, so the resumed "
-    "batches would differ; resume with the saved num_workers" + _ELASTIC,
-    "num_replicas": "resume with the saved number of ranks" + _ELASTIC,
-    "batch_size": "resume with the saved batch size" + _ELASTIC,
-    "randomness": "its samples would draw from other seeds; resume with the saved mode",
-}
 _ONLY_SOME_RANKS = (
     "A loader that only some ranks iterate on purpose (evaluation on rank 0) needs "
     "plan.dataloader(..., distributed=False)."
 )
+
+
+def refuse_arguments(dataset: Any, stream: object, kwargs: dict[str, Any]) -> None:
+    """What ``plan.dataloader`` cannot take: raises before anything is made."""
+    for banned in ("sampler", "batch_sampler", "generator"):
+        if banned in kwargs:
+            raise TypeError(
+                f"plan.dataloader() chooses the {banned} itself; build your own DataLoader "
+                f"with plan.sampler(), plan.generator() and plan.worker_init_fn instead"
+            )
+    if not kwargs.get("in_order", True):
+        raise ValueError(
+            "plan.dataloader(in_order=False): batches out of order make a count of batches "
+            "consumed say nothing of which, so a resume would repeat some samples and skip "
+            "others; leave in_order=True"
+        )
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            f"plan.dataloader() needs a map-style dataset (__getitem__ and __len__), got "
+            f"the IterableDataset {type(dataset).__name__}: an iterable dataset shards and "
+            "seeds itself, so ddpseed cannot give it a position to resume from. Use "
+            "torch's DataLoader with plan.worker_init_fn and plan.generator(), and shard "
+            "by rank inside the dataset"
+        )
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**32:
+        raise ValueError(f"plan.dataloader(stream={stream!r}): pass an int in [0, 2**32)")
 
 
 class SeededDataLoader(DataLoader[Any]):
@@ -176,7 +174,13 @@ class SeededDataLoader(DataLoader[Any]):
         # torch draws the workers' base seed (get_worker_info().seed) from this generator:
         # new each epoch and rank, a pure function of them, and the global RNG is not touched.
         self.generator.manual_seed(
-            loader_seed(self._seeds.base_seed, self._seeds.rank, self._epoch, self._seeds.key)
+            loader_seed(
+                self._seeds.base_seed,
+                self._seeds.rank,
+                self._epoch,
+                self._seeds.key,
+                self._seeds.stream,
+            )
         )
         self._position, self._finished = start, False
         self._shard_length = len(self.sampler)  # type: ignore[arg-type]
@@ -249,6 +253,7 @@ class SeededDataLoader(DataLoader[Any]):
             "shard_length": len(self.sampler),  # type: ignore[arg-type]
             "randomness": RANDOMNESS.index(self.randomness),
             "sample_order": int(getattr(self.sampler, "sample_order", 0)),
+            "stream": self._seeds.stream,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -284,7 +289,7 @@ class SeededDataLoader(DataLoader[Any]):
     def mismatch(self, state: dict[str, Any]) -> str:
         """Why ``state`` cannot continue this loader ('' if it can); changes nothing."""
         keys = ("epoch", "position", "finished", "origin", "global_position", *CONTRACT)
-        if not isinstance(state, dict) or any(k not in state and k not in _LEGACY for k in keys):
+        if not isinstance(state, dict) or any(k not in state and k not in LEGACY for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             return f"loader {self.name!r}: {found} is not a ddpseed loader state"
         now = self.contract()
@@ -297,9 +302,9 @@ class SeededDataLoader(DataLoader[Any]):
         now["shard_length"] = self.sampler.length_at(state["origin"])  # type: ignore[attr-defined]
         free = ELASTIC_FREE if state.get("elastic") else frozenset()
         for key, label in CONTRACT.items():
-            saved = state.get(key, _LEGACY.get(key))
+            saved = state.get(key, LEGACY.get(key))
             if key not in free and saved != now[key]:
-                fix = _FIXES.get(key, "resume with the same dataset and loader arguments")
+                fix = LOADER_FIXES.get(key, "resume with the same dataset and loader arguments")
                 return (
                     f"loader {self.name!r} was saved with {label} {saved} but is now "
                     f"{label} {now[key]}; {fix}"

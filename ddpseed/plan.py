@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, Sampler
+from torch.utils.data import Sampler
 
 from .collective import disagreement, exchange
-from .compat import TORCH_RELEASE, plan_state_problem
+from .compat import CONTRACT, TORCH_RELEASE, plan_state_problem
 from .derivation import Scheme, process_seed, validate_seed, worker_seed
 from .errors import AgreementError, StateError
 from .forks import Forks
-from .loader import CONTRACT, SeededDataLoader
+from .loader import SeededDataLoader, refuse_arguments
 from .manifest import manifest as run_manifest
 from .mesh import MeshSpec
 from .registry import LoaderRegistry
@@ -155,7 +155,7 @@ class SeedPlan:
             scheme=self._scheme,
         )
 
-    def _init_fn(self, then: Any = None) -> WorkerInitFn:
+    def _init_fn(self, then: Any = None, stream: int = 0) -> WorkerInitFn:
         return WorkerInitFn(
             self._base_seed,
             self.data_rank,
@@ -163,6 +163,7 @@ class SeedPlan:
             epoch=self._epoch,
             scheme=self._scheme,
             then=then,
+            stream=stream,
         )
 
     @property
@@ -225,6 +226,7 @@ class SeedPlan:
         name: str | None = None,
         distributed: bool = True,
         randomness: Randomness = "batch",
+        stream: int = 0,
         **kwargs: Any,
     ) -> SeededDataLoader:
         """A DataLoader over this rank's shard, with seeded workers and an exact position.
@@ -237,28 +239,11 @@ class SeedPlan:
         on rank 0), with no collectives. ``worker_init_fn`` you pass runs after ddpseed's
         seeding; other keyword arguments go to ``DataLoader``. ``randomness="sample"`` seeds
         ``random``, NumPy and torch from ``ddpseed.sample_seed(base, epoch, index)`` before each
-        item is fetched (the default ``"batch"`` reseeds workers per batch).
+        item is fetched (the default ``"batch"`` reseeds workers per batch). ``stream=k``
+        (k > 0) moves every seed of the loader's data into a family of its own: two loaders
+        of one plan with the same stream draw alike (README: Several loaders share the seeds).
         """
-        for banned in ("sampler", "batch_sampler", "generator"):
-            if banned in kwargs:
-                raise TypeError(
-                    f"plan.dataloader() chooses the {banned} itself; build your own DataLoader "
-                    f"with plan.sampler(), plan.generator() and plan.worker_init_fn instead"
-                )
-        if not kwargs.get("in_order", True):
-            raise ValueError(
-                "plan.dataloader(in_order=False): batches out of order make a count of batches "
-                "consumed say nothing of which, so a resume would repeat some samples and skip "
-                "others; leave in_order=True"
-            )
-        if isinstance(dataset, IterableDataset):
-            raise TypeError(
-                f"plan.dataloader() needs a map-style dataset (__getitem__ and __len__), got "
-                f"the IterableDataset {type(dataset).__name__}: an iterable dataset shards and "
-                "seeds itself, so ddpseed cannot give it a position to resume from. Use "
-                "torch's DataLoader with plan.worker_init_fn and plan.generator(), and shard "
-                "by rank inside the dataset"
-            )
+        refuse_arguments(dataset, stream, kwargs)
         name = self._loaders.new_name(name)
         loader = SeededDataLoader(
             dataset,
@@ -266,7 +251,7 @@ class SeedPlan:
             sampler=self._sampler(dataset, shuffle, drop_last, scalable, distributed),
             drop_last=drop_last,
             shuffle=shuffle,
-            seeds=self._init_fn(kwargs.pop("worker_init_fn", None)),
+            seeds=self._init_fn(kwargs.pop("worker_init_fn", None), stream),
             name=name,
             checks=self._topology if distributed and self._collective else None,
             timeout=self.timeout,

@@ -49,6 +49,7 @@ class WorkerInitFn:
         epoch: int = 0,
         scheme: Scheme = "default",
         then: Callable[[int], None] | None = None,
+        stream: int = 0,
     ) -> None:
         self.base_seed = base_seed
         self.rank = rank
@@ -58,6 +59,8 @@ class WorkerInitFn:
         self.then = then
         # 0, or the key of a loader an elastic resume dealt again (derivation.rekeyed).
         self.key = 0
+        # plan.dataloader(stream=): 0, or a family of seeds apart from other loaders'.
+        self.stream = stream
 
     def seed_for(self, worker_id: int, num_workers: int, epoch: int | None = None) -> int:
         """The seed of worker ``worker_id`` in ``epoch`` (default: the current epoch)."""
@@ -70,7 +73,7 @@ class WorkerInitFn:
             self.world_size,
             scheme=self.scheme,
         )
-        return rekeyed(seed, self.key)
+        return rekeyed(rekeyed(seed, self.stream), self.key)
 
     def __call__(self, worker_id: int) -> None:
         info = get_worker_info()
@@ -83,6 +86,7 @@ class WorkerInitFn:
         return (
             f"WorkerInitFn(base={self.base_seed}, rank={self.rank}/{self.world_size}, "
             f"epoch={self.epoch}, scheme={self.scheme}"
+            + (f", stream={self.stream}" if self.stream else "")
             + (f", key={self.key})" if self.key else ")")
         )
 
@@ -109,9 +113,9 @@ class SeededBatch(list[int]):
         return (_reseeded, (list(self), self.slot_seed, self.ordinal))
 
 
-def _sample_keyed(indices: list[int], base: int, epoch: int) -> list[int]:
+def _sample_keyed(indices: list[int], base: int, epoch: int, stream: int) -> list[int]:
     # Unpickled in the worker that fetches these indices (see _reseeded).
-    return SampleKeyedBatch(indices, base, epoch)
+    return SampleKeyedBatch(indices, base, epoch, stream)
 
 
 class SampleKeyedBatch(list[int]):
@@ -119,17 +123,19 @@ class SampleKeyedBatch(list[int]):
 
     torch's fetcher runs ``[dataset[i] for i in batch]``, so iterating the batch is "about to
     fetch item i": each index is handed out right after ``random``, NumPy and torch (CPU) are
-    seeded with ``sample_seed(base, epoch, i)``. In the main process (``num_workers=0``) its
+    seeded with ``sample_seed(base, epoch, i)`` (rekeyed by the loader's ``stream`` if not
+    0). In the main process (``num_workers=0``) its
     own streams are put back when the batch is done, so dropout and model init do not see the
     samples' seeds. Everything else reads the batch as a plain list.
     """
 
-    __slots__ = ("base", "epoch")
+    __slots__ = ("base", "epoch", "stream")
 
-    def __init__(self, indices: Iterable[int], base: int, epoch: int) -> None:
+    def __init__(self, indices: Iterable[int], base: int, epoch: int, stream: int = 0) -> None:
         super().__init__(indices)
         self.base = base
         self.epoch = epoch
+        self.stream = stream
 
     def __iter__(self) -> Iterator[int]:
         if get_worker_info() is not None:
@@ -137,9 +143,9 @@ class SampleKeyedBatch(list[int]):
         return self._restoring()
 
     def _seeding(self, seed: Callable[[int], None]) -> Iterator[int]:
-        base, epoch = self.base, self.epoch
+        base, epoch, stream = self.base, self.epoch, self.stream
         for index in list.__iter__(self):
-            seed(sample_seed(base, epoch, index))
+            seed(rekeyed(sample_seed(base, epoch, index), stream))
             yield index
 
     def _restoring(self) -> Iterator[int]:
@@ -151,7 +157,7 @@ class SampleKeyedBatch(list[int]):
             restore_cpu_rngs(saved)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_sample_keyed, (self[:], self.base, self.epoch))
+        return (_sample_keyed, (self[:], self.base, self.epoch, self.stream))
 
 
 class SeededBatchSampler(BatchSampler):
@@ -187,7 +193,9 @@ class SeededBatchSampler(BatchSampler):
         size, base, epoch = self.batch_size, self.seeds.base_seed, self.shard.epoch
         indices = iter(self.shard)
         while True:
-            batch = SampleKeyedBatch(itertools.islice(indices, size), base, epoch)
+            batch = SampleKeyedBatch(
+                itertools.islice(indices, size), base, epoch, self.seeds.stream
+            )
             if not batch or (self.drop_last and len(batch) < size):
                 return
             yield batch

@@ -473,31 +473,38 @@ def test_resuming_a_finished_shuffled_pass_in_its_own_epoch_warns_before_it_repl
 
 
 class _Draws(torch.utils.data.Dataset[float]):
-    """Each item: one draw from the global NumPy stream, or from a stream of its own."""
-
-    def __init__(self, stream: int | None) -> None:
-        self.stream = stream
+    """Each item: one draw from the global NumPy stream."""
 
     def __len__(self) -> int:
         return 8
 
     def __getitem__(self, index: int) -> float:
-        if self.stream is None:
-            return float(np.random.random())
-        # README "Several loaders share the seeds": a stream of its own, exact on resume.
-        return float(np.random.default_rng((np.random.randint(2**31), self.stream)).random())
+        return float(np.random.random())
 
 
-def test_two_loaders_share_the_seeds_and_the_documented_stream_of_its_own_parts_them() -> None:
-    def draws(plan: ddpseed.SeedPlan, stream: int | None) -> list[float]:
-        loader = plan.dataloader(_Draws(stream), batch_size=4, randomness="sample")
+@pytest.mark.parametrize(("randomness", "workers"), [("sample", 0), ("batch", 2)])
+def test_two_loaders_share_the_seeds_unless_given_streams_of_their_own(
+    randomness: Any, workers: int
+) -> None:
+    def draws(plan: ddpseed.SeedPlan, stream: int) -> list[float]:
+        loader = plan.dataloader(
+            _Draws(), 4, randomness=randomness, num_workers=workers, stream=stream
+        )
         return torch.cat(list(loader)).tolist()
 
     plan = make_plan()
-    one, same, own = draws(plan, None), draws(plan, None), draws(plan, 1)
-    assert one == same  # as README says
+    one, same, own = draws(plan, 0), draws(plan, 0), draws(plan, 1)
+    assert one == same  # as README says: zipped, item k of each draws alike
     assert not set(one) & set(own)
     assert own == draws(make_plan(), 1)  # reproducible
+
+
+def test_a_state_saved_with_another_stream_is_refused_naming_both() -> None:
+    saved = make_plan().dataloader(range(8), 4, stream=1).state_dict()
+    with pytest.raises(ddpseed.StateError, match=r"saved with stream 1 but is now stream 0"):
+        make_plan().dataloader(range(8), 4).load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"stream=-1"):
+        make_plan().dataloader(range(8), 4, stream=-1)
 
 
 def test_a_loader_dealt_again_by_an_elastic_resume_keeps_its_seed_key_in_its_state() -> None:
