@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -175,8 +174,11 @@ def test_sampler_shards_disjoint_and_cover() -> None:
 class SeedProbe:
     """Each item reports which worker fetched it and what that worker's RNGs were seeded with."""
 
+    def __init__(self, n: int = 24) -> None:
+        self.n = n
+
     def __len__(self) -> int:
-        return 24
+        return self.n
 
     def __getitem__(self, i: int) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
@@ -186,11 +188,16 @@ class SeedProbe:
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_worker_seeds_observed_inside_real_workers(context: str) -> None:
     """The first batch of each worker slot is drawn with that worker's seed of the current
-    epoch, persistent workers or not, under both start methods."""
+    epoch, persistent workers or not, under both start methods.
+
+    Whole passes of one batch per worker (a shard of 3): torch 2.13's spawned workers can
+    abort ("terminate called without an active exception") when an iterator is dropped while
+    they still put prefetched batches, which plain torch shows too (seen under pytest's fd
+    capture, about one run in four)."""
     plan = plan_for(1, 2, seed=500)
     for persistent in (False, True):
         loader = plan.dataloader(
-            SeedProbe(),
+            SeedProbe(6),
             batch_size=1,
             num_workers=3,
             multiprocessing_context=context,
@@ -198,7 +205,7 @@ def test_worker_seeds_observed_inside_real_workers(context: str) -> None:
         )
         for epoch in (0, 1):
             plan.set_epoch(epoch)
-            first_three = [(int(w), int(s)) for w, s in itertools.islice(loader, 3)]
+            first_three = [(int(w), int(s)) for w, s in loader]
             assert dict(first_three) == {w: plan.worker_seed(w, 3, epoch) for w in range(3)}
             assert dict(first_three)[0] == 500 + (epoch * 2 + 1) * 3 + 0
         plan.set_epoch(0)
