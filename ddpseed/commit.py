@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 from .errors import StateError, first_line, shown
-from .files import open_regular
+from .files import atomic_write_json, open_regular
 
 COMMIT_FORMAT = "ddpseed.checkpoint/2"  # /2: the record names the world size that saved
-
-
 # Save numbers, world sizes and tokens travel as int64 exchange values: well inside that.
 LIMIT = 2**62
 
@@ -123,6 +122,21 @@ def read_commit_record(path: str | os.PathLike[str]) -> Commit | None:
             "(saves are numbered; the last complete one is kept)"
         )
     return Commit(save, world, token)
+
+
+def write_commit_record(path: str | os.PathLike[str], commit: Commit, epoch: int) -> None:
+    """Make ``commit`` the last complete save of ``path`` (atomically; rank 0, once every
+    rank's file is written). Read back by :func:`read_commit_record`."""
+    record = {
+        "format": COMMIT_FORMAT,
+        "save": commit.save,
+        "world_size": commit.world_size,
+        "token": commit.token,
+        "rank0_files": rank0_files(path),
+        "epoch": epoch,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_json(commit_path(path), record, what="commit record")
 
 
 def _counts(value: object) -> bool:

@@ -74,8 +74,13 @@ def _sorted_keys(mapping: dict[Any, Any]) -> list[Any]:
 def encode(save: int, token: int, state: dict[str, Any], extra: Any, rank: int) -> bytes:
     """Rank ``rank``'s file of save ``save``: its plan state and ``extra``, each digested.
     Raises :class:`StateError` for an ``extra`` that :func:`read_state` could not read back."""
-    payload = {"format": FORMAT, "save": save, "token": token, "digest": digest(state)}
-    payload["state"] = state
+    payload = {
+        "format": FORMAT,
+        "save": save,
+        "token": token,
+        "digest": digest(state),
+        "state": state,
+    }
     if extra is not None:
         payload.update(extra=extra, extra_digest=_extra_digest(extra, rank))
     buffer = io.BytesIO()

@@ -28,25 +28,24 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collective import Reports, call_id, disagreement, exchange, strip_rank
 from .commit import (
-    COMMIT_FORMAT,
+    Commit,
     commit_path,
     path_text,
-    rank0_files,
     rank_template,
     read_commit,
     read_commit_record,
     remove_other_saves,
     state_path,
+    write_commit_record,
 )
 from .compat import ELASTIC
 from .errors import AgreementError, ArgumentError, StateError, first_line
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes
 from .payload import encode, read_state
 
 if TYPE_CHECKING:
@@ -111,19 +110,7 @@ def save_state(path: str | os.PathLike[str], plan: SeedPlan, *, extra: Any = Non
     error = None
     if plan.rank == 0:
         try:
-            atomic_write_json(
-                commit_path(path),
-                {
-                    "format": COMMIT_FORMAT,
-                    "save": number,
-                    "world_size": plan.world_size,
-                    "token": token,
-                    "rank0_files": rank0_files(path),
-                    "epoch": plan.epoch,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                },
-                what="commit record",
-            )
+            write_commit_record(path, Commit(number, plan.world_size, token), plan.epoch)
         except StateError as exc:
             error = str(exc)
     committed = exchange(what + " (commit)", (), error, plan.topology, plan.timeout)
