@@ -31,7 +31,7 @@ from .topology import Topology
 
 MAX_VALUES = 16
 _MARKER = 0xDD5EED02
-_HEADER = 4  # marker, call id, number of values, message length
+_HEADER = 5  # marker, call id, number of values, message length, name length
 ROW_WIDTH = _HEADER + MAX_VALUES  # int64s every rank sends in one exchange
 _generation = 0
 RELEASE_GRACE = 1.0  # seconds _gather waits for gloo's worker to drop its tensors
@@ -120,18 +120,21 @@ def exchange(
         )
     global _generation
     _generation += 1
-    row = [_MARKER, call_id(call or name), len(values), len(text), *values]
+    said = name.encode()
+    row = [_MARKER, call_id(call or name), len(values), len(text), len(said), *values]
     row += [0] * (ROW_WIDTH - len(row))
     key = f"ddpseed/exchange/{_generation}"
+    started = time.monotonic()
     try:
         table: list[list[int]] = _gather(torch.tensor(row, dtype=torch.int64), timeout).tolist()
-        _check_calls(table, name, call_id(call or name), topo)
+        _check_calls(table, name, said, topo, timeout)
         longest = max(r[3] for r in table)
         texts = _gather_text(text, longest, timeout) if longest else [b""] * topo.world_size
     except CoordinationError:
         raise
     except Exception as exc:
-        raise _timeout_error(name, key, topo, timeout, exc, hint) from exc
+        elapsed = time.monotonic() - started
+        raise _timeout_error(name, key, topo, (elapsed, timeout), exc, hint) from exc
     return Reports(
         [tuple(r[_HEADER : _HEADER + r[2]]) for r in table],
         {
@@ -159,14 +162,37 @@ def disagreement(reports: Reports, fields: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _check_calls(table: list[list[int]], name: str, mine: int, topo: Topology) -> None:
-    odd = [r for r, row in enumerate(table) if row[0] != _MARKER or row[1] != mine]
-    if odd:
+def _check_calls(
+    table: list[list[int]], name: str, said: bytes, topo: Topology, timeout: float
+) -> None:
+    """Raise on every rank if some rank is in another collective than this ``name``.
+
+    When every rank is in one of ddpseed's exchanges (each sees the same table, so all take
+    this path), one more round carries each rank's call, and the message shows them all
+    (``plan.dataloader(name='train')`` here, ``name='trn'`` there) on every rank alike.
+    """
+    mine = table[topo.rank][1]
+    if all(row[0] == _MARKER and row[1] == mine for row in table):
+        return
+    fix = (
+        "ddpseed's calls (setup, dataloader, iter(loader), save_state, load_state) are "
+        "collective: make them at the same point of the script, with the same loader names, "
+        "on every rank"
+    )
+    if any(row[0] != _MARKER for row in table):
+        foreign = [r for r, row in enumerate(table) if row[0] != _MARKER]
         raise CoordinationError(
-            f"rank {topo.rank}: ranks {ranks_text(odd)} were in another collective when the "
-            f"others called {name}; ddpseed's calls (setup, dataloader, iter(loader), save_state, "
-            "load_state) are collective: make them at the same point of the script on every rank"
+            f"rank {topo.rank}: ranks {ranks_text(foreign)} were in another collective (not "
+            f"ddpseed's) when the others called {name}; {fix}"
         )
+    calls = _gather_text(said, max(row[4] for row in table), timeout)
+    by_call: dict[str, list[int]] = {}
+    for r, text in enumerate(calls):
+        by_call.setdefault(text[: table[r][4]].decode(errors="replace"), []).append(r)
+    shown = "\n".join(f"  {call} on ranks {ranks_text(rs)}" for call, rs in by_call.items())
+    raise CoordinationError(
+        f"rank {topo.rank}: the ranks are in different ddpseed calls:\n{shown}\n{fix}"
+    )
 
 
 def _device() -> torch.device:
@@ -237,16 +263,28 @@ def _wait(work: Any, timeout: float) -> None:
 
 
 def _timeout_error(
-    name: str, key: str, topo: Topology, timeout: float, exc: Exception, hint: str
+    name: str,
+    key: str,
+    topo: Topology,
+    times: tuple[float, float],
+    exc: Exception,
+    hint: str,
 ) -> CoordinationError:
+    elapsed, timeout = times
     absent = absent_ranks(key, topo, timeout)
     if absent:
         who = f"rank{'s' if len(absent) > 1 else ''} {ranks_text(absent)} never reached it"
     else:
         who = "a peer failed or disconnected during it"
+    # A peer that dies is noticed at once; "within 8s" would then say what did not happen.
+    ended = (
+        f"did not complete within {timeout:g}s"
+        if elapsed >= timeout
+        else (f"failed after {elapsed:.1f}s (limit {timeout:g}s)")
+    )
     return CoordinationError(
-        f"rank {topo.rank} on {socket.gethostname()}: {name} over {topo.world_size} ranks did "
-        f"not complete within {timeout:g}s: {who}. {name} is collective: every rank must call "
+        f"rank {topo.rank} on {socket.gethostname()}: {name} over {topo.world_size} ranks "
+        f"{ended}: {who}. {name} is collective: every rank must call "
         f"it at the same point of the script; look for the first error in those ranks' logs."
         f"{' ' + hint if hint else ''} ({type(exc).__name__}: {first_line(exc)})"
     )

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .collective import call_id, disagreement, exchange
-from .compat import CONTRACT, ELASTIC_FREE, LEGACY, LOADER_FIXES
+from .compat import CONTRACT, ELASTIC_FREE, LEGACY, LOADER_FIXES, identity_problem
 from .derivation import loader_seed
 from .elastic import EpochPoint, global_position, loader_key
 from .errors import AgreementError, StateError
@@ -91,7 +91,7 @@ class SeededDataLoader(DataLoader[Any]):
         seeds: WorkerInitFn,
         name: str,
         checks: Topology | None,
-        timeout: float,
+        check_timeout: float,
         randomness: Randomness = "batch",
         distributed: bool = True,
         **kwargs: Any,
@@ -131,7 +131,7 @@ class SeededDataLoader(DataLoader[Any]):
         self._shuffle = shuffle
         # The job whose ranks every iter() checks; None for a loader of this rank alone.
         self._topology = checks
-        self._timeout = timeout
+        self._timeout = check_timeout  # of the iter() check; DataLoader's timeout= is torch's
         self._step = batch_size or 1
         self._shard_length = 0  # len(self.sampler), taken once per pass by __iter__
         self._epoch = int(sampler.epoch)  # the epoch the progress below belongs to
@@ -144,6 +144,9 @@ class SeededDataLoader(DataLoader[Any]):
         self._latest = 0
         # Passes numbered below this began before a load_state_dict: they must not go on.
         self._restored = 0
+        # How many states it took: compared at iter(), so a restore on some ranks alone (whose
+        # RNGs then differ from the others') stops the job instead of going on half resumed.
+        self._restores = 0
         # Restored from a state saved after its pass ended: a new pass of that epoch repeats it.
         self._restored_finished = False
         self._warned = False
@@ -205,19 +208,20 @@ class SeededDataLoader(DataLoader[Any]):
             return
         reports = exchange(
             f"iter(loader {self.name!r})",
-            (call_id(self.name), self._epoch, start),
+            (call_id(self.name), self._epoch, start, self._restores),
             None,
             self._topology,
             self._timeout,
             hint=_ONLY_SOME_RANKS,
         )
-        differs = disagreement(reports, ("loader", "epoch", "start position"))
+        differs = disagreement(reports, ("loader", "epoch", "start position", "states loaded"))
         if differs:
             raise AgreementError(
                 f"rank {self._topology.rank}: ranks disagree at iter(loader {self.name!r}) "
                 f"(loader = a hash of its name):\n{differs}\nfix: iterate the same loaders in "
                 "the same order on every rank, call plan.set_epoch(epoch) with the same epoch "
-                "everywhere, and resume every rank from the same checkpoint"
+                "everywhere, and resume every rank from the same checkpoint (load_state, "
+                "plan.load_state_dict or loader.load_state_dict on every rank, not some)"
             )
 
     def _advance(self, run: _Pass) -> None:
@@ -269,8 +273,13 @@ class SeededDataLoader(DataLoader[Any]):
             "global_batch": (self.batch_size or 1) * self.sampler.num_replicas,  # type: ignore[attr-defined]
             "distributed": int(self.distributed),
             "seed_key": self._seeds.key,
+            **self._identity(),
             **self.contract(),
         }
+
+    def _identity(self) -> dict[str, Any]:
+        # The seeds its order and worker draws come from: a position means nothing under others.
+        return {"base_seed": self._seeds.base_seed, "scheme": self._seeds.scheme}
 
     def global_position(self) -> int:
         """Where this loader's epoch stands over all ranks: positions ``[0, result)`` of the
@@ -292,6 +301,17 @@ class SeededDataLoader(DataLoader[Any]):
         if not isinstance(state, dict) or any(k not in state and k not in LEGACY for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             return f"loader {self.name!r}: {found} is not a ddpseed loader state"
+        if state.get("name", self.name) != self.name:
+            return (
+                f"loader {self.name!r}: the state is loader {state['name']!r}'s; give each "
+                f"loader its own state (a loader renamed since: set state['name'] = "
+                f"{self.name!r})"
+            )
+        # States of older releases lack the seeds: their plan state's identity checked them.
+        saved_seeds = [key for key in self._identity() if key in state]
+        seeds = identity_problem(state, self._identity(), saved_seeds)
+        if seeds:
+            return f"loader {self.name!r}: {seeds}"
         now = self.contract()
         for key in ("origin", "global_position"):
             if not (isinstance(state[key], int) and 0 <= state[key] <= now["dataset_length"]):
@@ -354,6 +374,7 @@ class SeededDataLoader(DataLoader[Any]):
         self._restored_finished = self._finished
         self._latest += 1
         self._restored = self._latest
+        self._restores += 1
 
     def __repr__(self) -> str:
         return (

@@ -191,12 +191,19 @@ class SeedPlan:
 
         The default is torch's ``DistributedSampler`` order exactly; ``scalable=True`` gives
         :class:`ddpseed.ScalableDistributedSampler` (O(1) memory, any N). In a distributed job
-        this is collective: every rank must pass a dataset of the same length.
+        this is collective: every rank must pass a dataset of the same length and the same
+        shuffle, drop_last and scalable.
         ``distributed=False``: the whole dataset, for this rank alone (no collective).
         """
         sampler = self._sampler(dataset, shuffle, drop_last, scalable, distributed)
         if distributed and self._collective:
-            self._agree("plan.sampler()", {"dataset length": len(dataset)}, None)
+            fields = {
+                "dataset length": len(dataset),
+                "shuffle": int(shuffle),
+                "drop_last": int(drop_last),
+                "sample order": int(getattr(sampler, "sample_order", 0)),
+            }
+            self._agree("plan.sampler()", fields, None)
         self._samplers.add(sampler)
         return sampler  # type: ignore[no-any-return]
 
@@ -254,7 +261,7 @@ class SeedPlan:
             seeds=self._init_fn(kwargs.pop("worker_init_fn", None), stream),
             name=name,
             checks=self._topology if distributed and self._collective else None,
-            timeout=self.timeout,
+            check_timeout=self.timeout,
             randomness=randomness,
             distributed=distributed,
             **kwargs,

@@ -178,7 +178,9 @@ def _position_key(state: dict[str, Any]) -> int:
     where = sorted(
         (name, s.get("epoch"), s.get("position"), s.get("finished"))
         for name, s in state.get("loaders", {}).items()
-        if isinstance(s, dict) and s.get("num_replicas", 1) > 1  # a rank's own loaders differ
+        # Loaders every rank iterates (distributed=True, even over a data world of one under
+        # a mesh) stand at one position; a rank's own loaders may differ.
+        if isinstance(s, dict) and s.get("distributed", s.get("num_replicas", 1) > 1)
     )
     return call_id(json.dumps([state.get("epoch"), where], default=str))
 

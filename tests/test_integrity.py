@@ -129,6 +129,60 @@ def test_a_loader_of_one_rank_alone_needs_distributed_false_and_says_so() -> Non
     assert "distributed=False" in messages[0]
 
 
+@pytest.mark.parametrize(
+    ("setting", "values", "fragment"),
+    [
+        ("SHUFFLE", ("1", "0"), "shuffle: 1 on ranks 0; 0 on ranks 1"),
+        ("DROP_LAST", ("0", "1"), "drop_last: 0 on ranks 0; 1 on ranks 1"),
+        ("SCALABLE", ("0", "1"), "sample order: 0 on ranks 0; 2 on ranks 1"),
+    ],
+)
+def test_sampler_arguments_that_differ_between_ranks_stop_every_rank(
+    setting: str, values: tuple[str, str], fragment: str
+) -> None:
+    """plan.sampler() used to compare only the dataset length: ranks with different shuffle,
+    drop_last or sampler class dealt overlapping shards (9 of 64 items twice, 8 never)."""
+    per_rank = {r: {setting: v} for r, v in enumerate(values)}
+    results = run_case(2, "sampler", per_rank=per_rank)
+    assert_all_failed(results, "AgreementError", "ranks disagree on plan.sampler()", fragment)
+
+
+def test_loaders_made_under_different_names_show_every_rank_each_call() -> None:
+    """Each rank used to say only that the others were "in another collective"."""
+    results = run_case(
+        2, "loader", per_rank={0: {"LOADER_NAME": "train"}, 1: {"LOADER_NAME": "trn"}}
+    )
+    messages = assert_all_failed(
+        results,
+        "CoordinationError",
+        "the ranks are in different ddpseed calls",
+        "plan.dataloader(name='train') on ranks 0",
+        "plan.dataloader(name='trn') on ranks 1",
+        "with the same loader names",
+    )
+    assert messages[0].replace("rank 0:", "rank 1:", 1) == messages[1]
+
+
+def test_a_plan_state_restored_on_some_ranks_only_stops_every_rank_at_iter(tmp_path: Path) -> None:
+    """plan.load_state_dict (the per-rank checkpoint route) under ``if rank == 0``: at an
+    epoch boundary the positions agree, so the run went on with rank 1's RNGs not restored."""
+    env = {"STATE": str(tmp_path / "plan.pt")}
+    assert_all_ok(run_case(2, "loader,rand:3,plan-save", env=env))
+    results = run_case(
+        2,
+        "loader,plan-load,steps:1",
+        env=env,
+        per_rank={1: {"ACTIONS": "loader,steps:1"}},
+    )
+    assert_all_failed(
+        results,
+        "AgreementError",
+        "ranks disagree at iter(loader 'train')",
+        "states loaded: 1 on ranks 0; 0 on ranks 1",
+        "on every rank, not some",
+    )
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 def test_save_killed_between_fsync_and_rename_leaves_the_previous_checkpoint(
     tmp_path: Path,
@@ -256,6 +310,32 @@ def test_a_long_error_reaches_every_rank_whole(tmp_path: Path) -> None:
     for rank in (0, 1):
         assert f"rank 0: no checkpoint at {deep / 'rng.pt'}: its commit record" in messages[rank]
         assert "pass the path given to save_state, or start fresh" in messages[rank]
+
+
+def test_under_a_mesh_of_one_data_rank_a_save_at_different_positions_is_refused(
+    tmp_path: Path,
+) -> None:
+    """dp=1, tp=2: both ranks iterate the same shard, so they must stand at one position. The
+    check used to skip loaders of one shard, commit the save and delete save 1."""
+    env = {"STATE": str(tmp_path / "rng.pt"), "MESH": "dp=1,tp=2"}
+    results = run_case(
+        2,
+        "steps:2,save,steps:2,save",
+        env=env,
+        per_rank={1: {"ACTIONS": "steps:2,save,steps:3,save"}},
+    )
+    assert_all_failed(
+        results,
+        "AgreementError",
+        "the ranks stand at different epochs or loader positions",
+        "rank 0: epoch 0, loader 'train' at 16",
+        "rank 1: epoch 0, loader 'train' at 20",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "rng.commit.json",
+        "rng.rank0.1.pt",
+        "rng.rank1.1.pt",
+    ]
 
 
 def test_save_on_only_some_ranks_names_the_call_and_the_absent_rank(tmp_path: Path) -> None:

@@ -525,3 +525,38 @@ def test_a_loader_dealt_again_by_an_elastic_resume_keeps_its_seed_key_in_its_sta
     again.load_state_dict(saved)  # an exact resume of the dealt loader keeps its key
     assert again.state_dict()["seed_key"] == key
     assert sums(again) == rest
+
+
+def test_a_loader_state_saved_under_another_base_seed_is_refused_naming_both() -> None:
+    """``loader.state_dict()`` is a torchdata checkpoint of its own: restored under another
+    base seed (a new launch that drew a fresh seed) its position would index another
+    permutation, repeating some samples and skipping others."""
+    saved_by = make_plan(seed=7).dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    batches = iter(saved_by)
+    next(batches), next(batches)
+    state = saved_by.state_dict()
+    loader = make_plan(seed=8).dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    with pytest.raises(ddpseed.StateError, match="base seed 7 but this run has 8") as err:
+        loader.load_state_dict(state)
+    assert "seed=<saved seed>" in str(err.value) and loader.state_dict()["position"] == 0
+    same = make_plan(seed=7).dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    same.load_state_dict(state)
+    assert same.state_dict()["position"] == 8
+
+
+def test_a_state_of_another_loader_is_refused_unless_renamed_on_purpose() -> None:
+    plan = make_plan()
+    train = plan.dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    val = plan.dataloader(AugmentedBlobs(40), batch_size=4, name="val")
+    next(iter(train))
+    state = train.state_dict()
+    with pytest.raises(ddpseed.StateError, match="loader 'val': the state is loader 'train'"):
+        val.load_state_dict(state)
+    assert val.state_dict()["position"] == 0
+    val.load_state_dict({**state, "name": "val"})  # the fix the message gives
+    assert val.state_dict()["position"] == 4
+
+
+def test_torchs_own_timeout_argument_reaches_the_dataloader() -> None:
+    loader = make_plan().dataloader(AugmentedBlobs(8), batch_size=4, num_workers=1, timeout=30)
+    assert loader.timeout == 30 and len(sums(loader)) == 2

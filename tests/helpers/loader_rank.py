@@ -1,10 +1,14 @@
 """One rank of a loader/checkpoint job: ACTIONS (comma-separated) say what it does, in order.
 
 Settings come from the environment (per rank where a test gives ranks different values):
-DATA_LEN, BATCH, WORKERS, SHUFFLE, DROP_LAST, RANDOMNESS, EPOCH, SCHEME, DETERMINISTIC, STATE
-(checkpoint path), TIMEOUT. Actions:
+DATA_LEN, BATCH, WORKERS, SHUFFLE, DROP_LAST, SCALABLE, RANDOMNESS, EPOCH, SCHEME,
+DETERMINISTIC, STATE (checkpoint path), TIMEOUT, LOADER_NAME, MESH ("dp=1,tp=2": setup(mesh=)).
+Actions:
 
-  loader        plan.dataloader(range(DATA_LEN), ...) named "train"
+  loader        plan.dataloader(range(DATA_LEN), ...) named LOADER_NAME ("train")
+  sampler       plan.sampler(range(DATA_LEN), ...)
+  plan-save     torch.save(plan.state_dict(), STATE + ".rank<r>") (a per-rank checkpoint)
+  plan-load     plan.load_state_dict of that file
   steps:N       consume N more batches of one iter(loader) (made first if needed)
   rand:N        draw N numbers from torch's RNG (a model's initialisation)
   save / load   ddpseed.save_state / load_state(STATE)
@@ -38,13 +42,18 @@ loader: Any = None
 batches: Any = None  # the pass "steps:N" continues
 
 
+def flag(name: str, default: str = "0") -> bool:
+    return env.get(name, default) == "1"
+
+
 def make_loader(plan: ddpseed.SeedPlan) -> Any:
     return plan.dataloader(
         range(int(env.get("DATA_LEN", "64"))),
         batch_size=int(env.get("BATCH", "4")),
         num_workers=int(env.get("WORKERS", "0")),
-        shuffle=env.get("SHUFFLE", "1") == "1",
-        drop_last=env.get("DROP_LAST", "0") == "1",
+        shuffle=flag("SHUFFLE", "1"),
+        drop_last=flag("DROP_LAST"),
+        scalable=flag("SCALABLE"),
         randomness=env.get("RANDOMNESS", "batch"),  # type: ignore[arg-type]
         name=env.get("LOADER_NAME", "train") or None,  # "": named by creation order
     )
@@ -65,12 +74,26 @@ try:
     plan = ddpseed.setup(
         timeout=timeout,
         scheme=env.get("SCHEME", "default"),  # type: ignore[arg-type]
-        deterministic=env.get("DETERMINISTIC", "0") == "1",
+        deterministic=flag("DETERMINISTIC"),
+        mesh={d: int(n) for d, n in (kv.split("=") for kv in env["MESH"].split(","))}
+        if env.get("MESH")
+        else None,
     )
     plan.set_epoch(int(env.get("EPOCH", "0")))
     for action in filter(None, env.get("ACTIONS", "").split(",")):
         if action == "loader":
             loader = make_loader(plan)
+        elif action == "sampler":
+            plan.sampler(
+                range(int(env.get("DATA_LEN", "64"))),
+                shuffle=flag("SHUFFLE", "1"),
+                drop_last=flag("DROP_LAST"),
+                scalable=flag("SCALABLE"),
+            )
+        elif action == "plan-save":
+            torch.save(plan.state_dict(), f"{env['STATE']}.rank{plan.rank}")
+        elif action == "plan-load":
+            plan.load_state_dict(torch.load(f"{env['STATE']}.rank{plan.rank}", weights_only=False))
         elif action.startswith("steps:"):
             loader = loader or make_loader(plan)
             batches = batches or iter(loader)
