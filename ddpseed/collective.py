@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import CoordinationError, first_line
+from .errors import CoordinationError, TopologyError, first_line
 from .topology import Topology
 
 MAX_VALUES = 16
@@ -110,6 +110,7 @@ def exchange(
     if len(values) > MAX_VALUES:
         raise ValueError(f"{len(values)} values; an exchange carries at most {MAX_VALUES}")
     text = strip_rank(message, topo.rank).encode() if message else b""
+    _check_world(name, topo)
     if not topo.is_distributed:
         return Reports([tuple(values)], {topo.rank: text.decode()} if message else {})
     if not dist.is_initialized():
@@ -143,6 +144,27 @@ def exchange(
             if table[r][3]
         },
     )
+
+
+def _check_world(name: str, topo: Topology) -> None:
+    """Raise if torch.distributed's world is not the one ``setup()`` found.
+
+    PyTorch Lightning's own launcher starts the other ranks and the process group after the
+    script's top: a ``setup()`` there made a plan of one rank, and every rank would take rank
+    0's seeds and the whole dataset while DDP averages their gradients.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    if world != topo.world_size:
+        raise TopologyError(
+            f"rank {dist.get_rank()}: {name}: ddpseed.setup() made this plan for a world of "
+            f"{topo.world_size} ({topo.launcher}), but torch.distributed now has {world} ranks "
+            "(a process group made after setup(), as PyTorch Lightning's own launcher does): "
+            "every rank would take the same seeds and data. fix: call ddpseed.setup() after "
+            "the process group exists (in a LightningModule or DataModule setup() hook), or "
+            "launch with torchrun, srun or mpirun"
+        )
 
 
 def disagreement(reports: Reports, fields: Sequence[str]) -> str:

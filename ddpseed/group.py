@@ -252,3 +252,24 @@ def loopback_hint(topo: Topology) -> str:
         "GLOO_SOCKET_IFNAME to the interface that reaches the other nodes (e.g. "
         "GLOO_SOCKET_IFNAME=eth0) or fix /etc/hosts."
     )
+
+
+def refuse_unknown_launch(topo: Topology, env: dict[str, str] | os._Environ[str]) -> None:
+    """Raise where no launcher ddpseed reads was found, yet ``WORLD_SIZE`` says several ranks.
+
+    PyTorch Lightning's own launcher starts its other processes with ``LOCAL_RANK`` and
+    ``WORLD_SIZE`` but no ``RANK``, and makes the process group later: read as one process,
+    each would take rank 0's seeds and the whole dataset.
+    """
+    world = env.get("WORLD_SIZE", "").strip()
+    if topo.launcher != "single" or not world.isdecimal() or int(world) <= 1:
+        return
+    given = ", ".join(f"{k}={env[k]}" for k in ("LOCAL_RANK", "NODE_RANK") if k in env)
+    raise TopologyError(
+        f"WORLD_SIZE={world}{' and ' + given if given else ''} are set but RANK is not, and no "
+        "process group exists: a launcher ddpseed does not read started this process "
+        "(PyTorch Lightning's own launcher does this), so its rank is unknown. fix: launch "
+        "with torchrun, srun or mpirun, or call ddpseed.setup() after the process group "
+        "exists (in a LightningModule or DataModule setup() hook); a stale WORLD_SIZE in "
+        "the shell: unset it"
+    )

@@ -77,6 +77,41 @@ def refuse_arguments(dataset: Any, stream: object, kwargs: dict[str, Any]) -> No
         raise ValueError(f"plan.dataloader(stream={stream!r}): pass an int in [0, 2**32)")
 
 
+def epoch_move_problem(name: str, restored: dict[str, Any] | None, epoch: int) -> str:
+    """Why moving a loader restored from ``restored`` to ``epoch``, before any other epoch
+    change, loses what the checkpoint held ('' if it does not, or nothing was restored).
+
+    Back to an earlier epoch replays epochs the checkpoint had consumed (a loop restarted at
+    a stale epoch count: plan.epoch when epochs moved with ``loader.sampler.set_epoch``, or a
+    framework's own count); on past an epoch stopped mid-pass skips the rest of it. On from
+    position 0 of an epoch is allowed: a loader not used every epoch (validation) follows
+    ``plan.set_epoch`` that way.
+
+    >>> epoch_move_problem("t", {"epoch": 3, "position": 8, "origin": 0, "finished": False}, 3)
+    ''
+    """
+    if restored is None or epoch == restored["epoch"]:
+        return ""
+    finished = bool(restored["finished"])
+    began = finished or restored["position"] > 0 or restored["origin"] > 0
+    where = f"at position {restored['position']} of epoch {restored['epoch']}"
+    if finished:
+        where = f"after its pass of epoch {restored['epoch']} had ended"
+    if epoch < restored["epoch"]:
+        lost = f"back to epoch {epoch}: it would deal again epochs the checkpoint had consumed"
+    elif not finished and began:
+        lost = f"on to epoch {epoch} first: the rest of epoch {restored['epoch']} would be skipped"
+    else:
+        return ""
+    return (
+        f"loader {name!r} was restored {where} and its epoch is now moved {lost}. fix: continue "
+        "the loop from the restored epoch, plan.epoch after load_state (epochs moved with "
+        "loader.sampler.set_epoch alone do not move plan.epoch: use plan.set_epoch, or start "
+        "from loader.epoch); do not let a framework count epochs for a ddpseed loader "
+        "(Lightning Fabric's setup_dataloaders does)"
+    )
+
+
 class SeededDataLoader(DataLoader[Any]):
     """``torch.utils.data.DataLoader`` over a seeded shard that owns its epoch and position."""
 
@@ -118,11 +153,9 @@ class SeededDataLoader(DataLoader[Any]):
             # torch made a plain BatchSampler over the same sampler; ours numbers batches from
             # the sampler's seek and carries their seeds. torch guards the attribute against
             # users swapping it mid-run, which is not what happens here.
-            object.__setattr__(
-                self,
-                "batch_sampler",
-                SeededBatchSampler(sampler, batch_size, drop_last, seeds, workers, randomness),
-            )
+            batches = SeededBatchSampler(sampler, batch_size, drop_last, seeds, workers, randomness)
+            batches.owner = name
+            object.__setattr__(self, "batch_sampler", batches)
         self.name = name
         self.randomness: Randomness = randomness
         # Sharded over the job's ranks (the shards an elastic resume re-deals), or this rank's.
@@ -149,6 +182,8 @@ class SeededDataLoader(DataLoader[Any]):
         self._restores = 0
         # Restored from a state saved after its pass ended: a new pass of that epoch repeats it.
         self._restored_finished = False
+        # The state restored last, until the epoch next changes (epoch_move_problem).
+        self._restored_state: dict[str, Any] | None = None
         self._warned = False
 
     # -- epoch --------------------------------------------------------------------------------
@@ -162,6 +197,10 @@ class SeededDataLoader(DataLoader[Any]):
 
     def _sync_epoch(self) -> None:
         if self.epoch != self._epoch:
+            problem = epoch_move_problem(self.name, self._restored_state, self.epoch)
+            if problem:
+                raise StateError(problem)
+            self._restored_state = None
             self._epoch = self.epoch
             self._resume_at = self._position = self._passes = 0
             self._finished = self._restored_finished = False
@@ -201,7 +240,17 @@ class SeededDataLoader(DataLoader[Any]):
                 stacklevel=2,  # __iter__ <- the caller's for loop
             )
         self._restored_finished = False
-        return _Pass(super().__iter__(), self, self._latest)
+        return _Pass(self._torch_iterator(), self, self._latest)
+
+    def _torch_iterator(self) -> Iterator[Any]:
+        batches = self.batch_sampler
+        if not isinstance(batches, SeededBatchSampler):  # batch_size=None: no batches
+            return super().__iter__()
+        batches.armed = True  # torch calls iter() on it here (twice with workers), never later
+        try:
+            return super().__iter__()
+        finally:
+            batches.armed = False
 
     def _check_ranks(self, start: int) -> None:
         if self._topology is None:
@@ -232,6 +281,7 @@ class SeededDataLoader(DataLoader[Any]):
         if run.number != self._latest:
             return
         self._finished, self._resume_at = True, 0
+        self._restored_state = None  # the restored epoch is done: nothing left to lose
         self.sampler.set_origin(0)  # type: ignore[attr-defined]  # a new pass is a whole one
         self._passes += 1
         if self._passes == 2 and self._shuffle and not self._warned:
@@ -359,6 +409,7 @@ class SeededDataLoader(DataLoader[Any]):
         problem = self.mismatch(state)
         if problem:
             raise StateError(f"{problem}. Nothing was restored")
+        self._restored_state = None  # superseded: this state is the one to continue
         self.set_epoch(int(state["epoch"]))
         self._sync_epoch()
         origin, position, dealt_again = self._placement(state)
@@ -375,6 +426,8 @@ class SeededDataLoader(DataLoader[Any]):
         self._latest += 1
         self._restored = self._latest
         self._restores += 1
+        self._restored_state = {k: state[k] for k in ("epoch", "position", "finished")}
+        self._restored_state["origin"] = origin
 
     def __repr__(self) -> str:
         return (

@@ -306,7 +306,7 @@ class SeedPlan:
             self._forks.undo_load()
             for loader, before in claimed:  # made after the restore: fresh again, then
                 loader.load_state_dict(before)  # moved to the epoch below like the others
-            self.set_epoch(epoch)
+            self._move_epoch(epoch)
             self._loaders.put_back(prior)
         raise StateError(
             "a restored state cannot continue this loader:\n"
@@ -323,6 +323,12 @@ class SeedPlan:
         """Move every sampler, loader and worker seed of this plan to ``epoch``."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch={epoch!r} must be an int >= 0")
+        problem = self._loaders.epoch_problem(epoch)
+        if problem:
+            raise StateError(f"rank {self.rank}: {problem}")
+        self._move_epoch(epoch)
+
+    def _move_epoch(self, epoch: int) -> None:
         self._epoch = epoch
         self._worker_init_fn.epoch = epoch
         for sampler in list(self._samplers):
@@ -358,7 +364,7 @@ class SeedPlan:
                 "Nothing was restored"
             ) from exc
         self._forks.load_state_dict(dict(state.get("forks", {})))
-        self.set_epoch(int(state["epoch"]))
+        self._move_epoch(int(state["epoch"]))  # a state waiting from an earlier restore is replaced
         self._loaders.restore(dict(state["loaders"]), rng, epoch)
 
     def check_state(self, state: dict[str, Any], *, source: str = "state dict") -> None:

@@ -18,7 +18,7 @@ import weakref
 from typing import Any
 
 from .errors import StateError
-from .loader import SeededDataLoader
+from .loader import SeededDataLoader, epoch_move_problem
 
 # (RNG states, epoch, live loaders' states) as they were before a restore.
 Before = tuple[dict[str, Any], int, dict[str, dict[str, Any]]]
@@ -81,6 +81,14 @@ class LoaderRegistry:
             raise StateError(problem)
         return self.live()
 
+    def epoch_problem(self, epoch: int) -> str:
+        """Why moving to ``epoch`` loses a restored state no loader has taken yet ('')."""
+        for name, state in self._pending.items():
+            problem = epoch_move_problem(name, state, epoch)
+            if problem:
+                return problem
+        return ""
+
     def set_epoch(self, epoch: int) -> None:
         for loaders in self._alive().values():
             for loader in loaders:
@@ -109,7 +117,8 @@ class LoaderRegistry:
         if not AUTO_NAME.fullmatch(loader.name) or loader.name in states:
             return ""
         for other, state in states.items():
-            if AUTO_NAME.fullmatch(other) and not loader.mismatch(state):
+            renamed = {**state, "name": loader.name}  # would it continue, under its name
+            if AUTO_NAME.fullmatch(other) and not loader.mismatch(renamed):
                 return (
                     f"loader {loader.name!r} has no saved state, but the restored state of "
                     f"loader {other!r} (epoch {state['epoch']}, position {state['position']}) "

@@ -303,6 +303,7 @@ def setup(
     :mod:`ddpseed.mesh`. Every rank must pass the same settings.
     """
     topo = group.from_existing_group(detect())
+    group.refuse_unknown_launch(topo, os.environ)
     _check_seconds("timeout", timeout, topo.rank)
     if pg_timeout is not None:
         _check_seconds("pg_timeout", pg_timeout, topo.rank)

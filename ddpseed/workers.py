@@ -26,6 +26,7 @@ from typing import Any, Literal
 from torch.utils.data import BatchSampler, get_worker_info
 
 from .derivation import Scheme, batch_seed, rekeyed, sample_seed, worker_seed
+from .errors import StateError
 from .sampler import ResumableSampler
 from .seeding import capture_cpu_rngs, restore_cpu_rngs, seed_cpu, seed_worker_rngs
 
@@ -174,17 +175,40 @@ class SeededBatchSampler(BatchSampler):
         sampler: ResumableSampler,
         batch_size: int,
         drop_last: bool,
-        seeds: WorkerInitFn,
-        workers: int,
+        seeds: WorkerInitFn | None = None,
+        workers: int = 0,
         randomness: Randomness = "batch",
     ) -> None:
+        if seeds is None:  # made again from (sampler, batch_size, drop_last), as torch's is
+            raise TypeError(
+                "a ddpseed loader's batch sampler is being made again by a framework that "
+                "rebuilds the loader (Lightning's predict, or use_distributed_sampler=True with "
+                "a sampler that is not a DistributedSampler, as scalable=True): pass "
+                "Trainer(use_distributed_sampler=False), or give the framework a DataLoader of "
+                "your own with plan.sampler(), plan.worker_init_fn and plan.generator() "
+                "(README: Frameworks)"
+            )
         super().__init__(sampler, batch_size, drop_last)
         self.shard: ResumableSampler = sampler
         self.seeds = seeds
         self.workers = workers
         self.randomness: Randomness = randomness
+        # True only while its loader's iter() makes torch's iterator: whatever else iterates
+        # it (accelerate's prepare or skip_first_batches) would go uncounted.
+        self.armed = False
+        self.owner = ""  # the loader's name
 
     def __iter__(self) -> Iterator[list[int]]:
+        if not self.armed:
+            raise StateError(
+                f"the batch sampler of ddpseed loader {self.owner!r} was iterated by something "
+                "other than that loader (accelerate's prepare or skip_first_batches, or a "
+                "DataLoader built from loader.batch_sampler): the loader would not count those "
+                "batches, so a save would resume at the wrong sample, and the batches of two "
+                "shardings may mix. Iterate the ddpseed loader itself (move its batches to the "
+                "device yourself); to build a DataLoader of your own use plan.sampler(), "
+                "plan.worker_init_fn and plan.generator() (README: Frameworks)"
+            )
         if self.randomness == "sample":
             return self._sample_keyed()
         return self._batch_keyed()

@@ -127,6 +127,55 @@ def test_a_process_group_the_script_made_gives_the_ranks(tmp_path: Path) -> None
         assert g["shard"] == list(DistributedSampler(range(30), num_replicas=2, rank=r, seed=8))
 
 
+def _spawned_setup_before_the_group(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    # PyTorch Lightning's own launcher: the script's top (setup()) runs before the group.
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(name, None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    plan = ddpseed.setup(seed=8, timeout=60)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        plan.dataloader(range(30), batch_size=5)
+        said = "no error"
+    except ddpseed.TopologyError as exc:
+        said = str(exc)
+    Path(out_dir, f"{rank}.txt").write_text(said)
+    dist.destroy_process_group()
+
+
+def test_a_plan_made_before_the_process_group_is_refused_where_it_deals_data(
+    tmp_path: Path,
+) -> None:
+    """Lightning's own launcher: both ranks used to take rank 0's seeds and the whole
+    dataset, with no message."""
+    mp.spawn(_spawned_setup_before_the_group, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        said = (tmp_path / f"{rank}.txt").read_text()
+        assert said.startswith(
+            f"rank {rank}: plan.dataloader(name='loader0'): ddpseed.setup() made"
+        )
+        assert "for a world of 1 (single), but torch.distributed now has 2 ranks" in said
+        assert "call ddpseed.setup() after the process group exists" in said
+
+
+def test_world_size_without_rank_and_no_group_is_refused_naming_the_variables() -> None:
+    """A process Lightning's launcher started (LOCAL_RANK and WORLD_SIZE, no RANK) used to
+    read as a world of one."""
+    env = clean_env({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_PORT": str(free_port())})
+    proc = subprocess.run(
+        [sys.executable, "-c", "import ddpseed; ddpseed.setup(seed=1, timeout=20)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "TopologyError: WORLD_SIZE=2 and LOCAL_RANK=1 are set but RANK is not" in proc.stderr
+    assert "launch with torchrun, srun or mpirun" in proc.stderr
+
+
 _SETUP_AGAIN = """
 import torch
 import torch.distributed as dist

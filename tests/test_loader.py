@@ -560,3 +560,90 @@ def test_a_state_of_another_loader_is_refused_unless_renamed_on_purpose() -> Non
 def test_torchs_own_timeout_argument_reaches_the_dataloader() -> None:
     loader = make_plan().dataloader(AugmentedBlobs(8), batch_size=4, num_workers=1, timeout=30)
     assert loader.timeout == 30 and len(sums(loader)) == 2
+
+
+def test_a_batch_sampler_iterated_by_anything_but_its_loader_is_refused() -> None:
+    """accelerate's prepare() and skip_first_batches iterate loader.batch_sampler inside their
+    own loaders: the ddpseed loader counted none of those batches (a save resumed at batch 0)
+    and prepare() dealt its shard again (each rank saw a quarter of the data)."""
+    loader = make_plan().dataloader(AugmentedBlobs(40), batch_size=4, num_workers=2, name="t")
+    with pytest.raises(ddpseed.StateError, match="batch sampler of ddpseed loader 't' was "):
+        iter(loader.batch_sampler)
+    rebuilt = torch.utils.data.DataLoader(loader.dataset, batch_sampler=loader.batch_sampler)
+    with pytest.raises(ddpseed.StateError, match="Iterate the ddpseed loader itself"):
+        next(iter(rebuilt))
+    assert len(sums(loader)) == 10 and len(loader.batch_sampler) == 10  # its own loader: fine
+
+
+@pytest.mark.parametrize(
+    ("saved_at", "moved_to", "fragment"),
+    [
+        ("mid", 1, "at position 8 of epoch 2 and its epoch is now moved back to epoch 1"),
+        ("mid", 3, "moved on to epoch 3 first: the rest of epoch 2 would be skipped"),
+        ("end", 0, "after its pass of epoch 2 had ended and its epoch is now moved back"),
+    ],
+)
+def test_moving_a_restored_loader_to_an_epoch_that_loses_the_checkpoint_is_refused(
+    tmp_path: Path, saved_at: str, moved_to: int, fragment: str
+) -> None:
+    """Epochs moved with loader.sampler.set_epoch (the DDP tutorial) leave plan.epoch at 0, and
+    Lightning Fabric counts its own: a resumed loop then set the epoch back (replaying the
+    epochs before) or on (skipping the rest of the restored one), silently."""
+    plan = make_plan()
+    loader = plan.dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    loader.sampler.set_epoch(2)  # type: ignore[attr-defined]
+    if saved_at == "mid":
+        _take(loader, 2)
+    else:
+        sums(loader)  # the whole pass, to StopIteration
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plan = make_plan()
+    loader = plan.dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    assert plan.epoch == 0 and loader.epoch == 2
+    loader.sampler.set_epoch(moved_to)  # type: ignore[attr-defined]
+    with pytest.raises(ddpseed.StateError, match=fragment) as err:
+        iter(loader)
+    assert "start from loader.epoch" in str(err.value)
+    loader.sampler.set_epoch(2)  # type: ignore[attr-defined]  # the fix: the restored epoch
+    if saved_at == "mid":
+        assert len(sums(loader)) == 8  # its rest
+    loader.sampler.set_epoch(3)  # type: ignore[attr-defined]  # after its pass: on as usual
+    assert len(sums(loader)) == 10
+
+
+def test_plan_set_epoch_refuses_to_drop_a_waiting_mid_epoch_state(tmp_path: Path) -> None:
+    plan = make_plan()
+    loader = plan.dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    loader.sampler.set_epoch(2)  # type: ignore[attr-defined]
+    _take(loader, 2)
+    ddpseed.save_state(tmp_path / "rng.pt", plan)
+    plan = make_plan()
+    ddpseed.load_state(tmp_path / "rng.pt", plan)  # no loader yet: the state waits
+    with pytest.raises(ddpseed.StateError, match="rank 0: loader 'train' was restored at pos"):
+        plan.set_epoch(0)
+    assert plan.epoch == 0
+    loader = plan.dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    assert loader.epoch == 2 and len(sums(loader)) == 8
+
+
+def test_a_resumed_loop_restarted_at_a_stale_plan_epoch_is_refused_not_replayed(
+    tmp_path: Path,
+) -> None:
+    """The DDP tutorial moves epochs with loader.sampler.set_epoch, so plan.epoch stays 0; a
+    checkpoint taken as epoch 3 begins, resumed by a loop that starts at plan.epoch, dealt
+    epochs 0-2 again without a word."""
+    plan = make_plan()
+    loader = plan.dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    loader.sampler.set_epoch(3)  # type: ignore[attr-defined]
+    ddpseed.save_state(tmp_path / "rng.pt", plan)  # at the top of epoch 3
+    plan = make_plan()
+    loader = plan.dataloader(AugmentedBlobs(40), batch_size=4, name="train")
+    ddpseed.load_state(tmp_path / "rng.pt", plan)
+    loader.sampler.set_epoch(plan.epoch)  # type: ignore[attr-defined]  # 0: stale
+    with pytest.raises(
+        ddpseed.StateError, match="epoch 3 and its epoch is now moved back to epoch 0"
+    ):
+        iter(loader)
+    loader.sampler.set_epoch(3)  # type: ignore[attr-defined]  # the fix: loader.epoch was 3
+    assert len(sums(loader)) == 10
