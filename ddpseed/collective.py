@@ -293,7 +293,10 @@ def _timeout_error(
     hint: str,
 ) -> CoordinationError:
     elapsed, timeout = times
-    absent = absent_ranks(key, topo, timeout)
+    # Only a wait that ran out can mean a rank never arrived. An early failure is a peer that
+    # died, perhaps rank 0 whose host serves the store: asking it would only add torch's
+    # C++ stack traces of a broken connection to the log.
+    absent = absent_ranks(key, topo, timeout) if elapsed >= timeout else None
     if absent:
         who = f"rank{'s' if len(absent) > 1 else ''} {ranks_text(absent)} never reached it"
     else:

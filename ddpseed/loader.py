@@ -35,10 +35,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from .collective import call_id, disagreement, exchange
-from .compat import CONTRACT, ELASTIC_FREE, LEGACY, LOADER_FIXES, identity_problem
+from .compat import (
+    CONTRACT,
+    ELASTIC_FREE,
+    LEGACY,
+    LOADER_FIXES,
+    epoch_move_problem,
+    identity_problem,
+)
 from .derivation import loader_seed
 from .elastic import EpochPoint, global_position, loader_key
 from .errors import AgreementError, StateError
@@ -49,67 +56,6 @@ _ONLY_SOME_RANKS = (
     "A loader that only some ranks iterate on purpose (evaluation on rank 0) needs "
     "plan.dataloader(..., distributed=False)."
 )
-
-
-def refuse_arguments(dataset: Any, stream: object, kwargs: dict[str, Any]) -> None:
-    """What ``plan.dataloader`` cannot take: raises before anything is made."""
-    for banned in ("sampler", "batch_sampler", "generator"):
-        if banned in kwargs:
-            raise TypeError(
-                f"plan.dataloader() chooses the {banned} itself; build your own DataLoader "
-                f"with plan.sampler(), plan.generator() and plan.worker_init_fn instead"
-            )
-    if not kwargs.get("in_order", True):
-        raise ValueError(
-            "plan.dataloader(in_order=False): batches out of order make a count of batches "
-            "consumed say nothing of which, so a resume would repeat some samples and skip "
-            "others; leave in_order=True"
-        )
-    if isinstance(dataset, IterableDataset):
-        raise TypeError(
-            f"plan.dataloader() needs a map-style dataset (__getitem__ and __len__), got "
-            f"the IterableDataset {type(dataset).__name__}: an iterable dataset shards and "
-            "seeds itself, so ddpseed cannot give it a position to resume from. Use "
-            "torch's DataLoader with plan.worker_init_fn and plan.generator(), and shard "
-            "by rank inside the dataset"
-        )
-    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**32:
-        raise ValueError(f"plan.dataloader(stream={stream!r}): pass an int in [0, 2**32)")
-
-
-def epoch_move_problem(name: str, restored: dict[str, Any] | None, epoch: int) -> str:
-    """Why moving a loader restored from ``restored`` to ``epoch``, before any other epoch
-    change, loses what the checkpoint held ('' if it does not, or nothing was restored).
-
-    Back to an earlier epoch replays epochs the checkpoint had consumed (a loop restarted at
-    a stale epoch count: plan.epoch when epochs moved with ``loader.sampler.set_epoch``, or a
-    framework's own count); on past an epoch stopped mid-pass skips the rest of it. On from
-    position 0 of an epoch is allowed: a loader not used every epoch (validation) follows
-    ``plan.set_epoch`` that way.
-
-    >>> epoch_move_problem("t", {"epoch": 3, "position": 8, "origin": 0, "finished": False}, 3)
-    ''
-    """
-    if restored is None or epoch == restored["epoch"]:
-        return ""
-    finished = bool(restored["finished"])
-    began = finished or restored["position"] > 0 or restored["origin"] > 0
-    where = f"at position {restored['position']} of epoch {restored['epoch']}"
-    if finished:
-        where = f"after its pass of epoch {restored['epoch']} had ended"
-    if epoch < restored["epoch"]:
-        lost = f"back to epoch {epoch}: it would deal again epochs the checkpoint had consumed"
-    elif not finished and began:
-        lost = f"on to epoch {epoch} first: the rest of epoch {restored['epoch']} would be skipped"
-    else:
-        return ""
-    return (
-        f"loader {name!r} was restored {where} and its epoch is now moved {lost}. fix: continue "
-        "the loop from the restored epoch, plan.epoch after load_state (epochs moved with "
-        "loader.sampler.set_epoch alone do not move plan.epoch: use plan.set_epoch, or start "
-        "from loader.epoch); do not let a framework count epochs for a ddpseed loader "
-        "(Lightning Fabric's setup_dataloaders does)"
-    )
 
 
 class SeededDataLoader(DataLoader[Any]):

@@ -14,11 +14,11 @@ import torch
 from torch.utils.data import Sampler
 
 from .collective import disagreement, exchange
-from .compat import CONTRACT, TORCH_RELEASE, plan_state_problem
+from .compat import CONTRACT, TORCH_RELEASE, plan_state_problem, refuse_arguments
 from .derivation import Scheme, process_seed, validate_seed, worker_seed
 from .errors import AgreementError, StateError
 from .forks import Forks
-from .loader import SeededDataLoader, refuse_arguments
+from .loader import SeededDataLoader
 from .manifest import manifest as run_manifest
 from .mesh import MeshSpec
 from .registry import LoaderRegistry

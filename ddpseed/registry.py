@@ -17,8 +17,9 @@ import re
 import weakref
 from typing import Any
 
+from .compat import epoch_move_problem
 from .errors import StateError
-from .loader import SeededDataLoader, epoch_move_problem
+from .loader import SeededDataLoader
 
 # (RNG states, epoch, live loaders' states) as they were before a restore.
 Before = tuple[dict[str, Any], int, dict[str, dict[str, Any]]]

@@ -201,6 +201,24 @@ def test_save_killed_between_fsync_and_rename_leaves_the_previous_checkpoint(
     assert positions(resumed) == [(0, 12), (0, 12)]  # save 1: both ranks at 3 batches of 4
 
 
+def test_a_rank_zero_killed_in_a_save_leaves_one_readable_error_on_the_other(
+    tmp_path: Path,
+) -> None:
+    """Rank 0 hosts the store of an env:// launch: asking it which ranks were absent, after it
+    died, added torch's C++ stack traces to the survivor's log, and the message said the call
+    "did not complete within 15s" when it had failed at once."""
+    killed = run_case(
+        2,
+        "steps:3,save,steps:2,save",
+        env={"STATE": str(tmp_path / "rng.pt")},
+        per_rank={0: {"ACTIONS": "steps:3,save,steps:2,kill-rename,save"}},
+    )
+    assert killed[0].returncode == -9
+    (message,) = assert_all_failed(killed[1:], "CoordinationError", "save_state")
+    assert "failed after" in message and "a peer failed or disconnected during it" in message
+    assert "frame #" not in killed[1].stderr, killed[1].stderr[-3000:]
+
+
 def test_files_of_different_saves_are_refused_on_every_rank(tmp_path: Path) -> None:
     env = {"STATE": str(tmp_path / "rng.pt")}
     assert_all_ok(run_case(2, "steps:3,save", env=env))
