@@ -293,20 +293,21 @@ def _timeout_error(
     hint: str,
 ) -> CoordinationError:
     elapsed, timeout = times
-    # Only a wait that ran out can mean a rank never arrived. An early failure is a peer that
-    # died, perhaps rank 0 whose host serves the store: asking it would only add torch's
-    # C++ stack traces of a broken connection to the log.
-    absent = absent_ranks(key, topo, timeout) if elapsed >= timeout else None
+    # Only a wait that ran out (ours, or the process group's own shorter timeout) can mean a
+    # rank never arrived. An early failure is a peer that died, perhaps rank 0 whose host
+    # serves the store: asking it would only add torch's C++ stack traces to the log.
+    timed_out = elapsed >= timeout or "timed out" in str(exc).lower()
+    absent = absent_ranks(key, topo, timeout) if timed_out else None
     if absent:
         who = f"rank{'s' if len(absent) > 1 else ''} {ranks_text(absent)} never reached it"
     else:
         who = "a peer failed or disconnected during it"
     # A peer that dies is noticed at once; "within 8s" would then say what did not happen.
-    ended = (
-        f"did not complete within {timeout:g}s"
-        if elapsed >= timeout
-        else (f"failed after {elapsed:.1f}s (limit {timeout:g}s)")
-    )
+    ended = f"did not complete within {timeout:g}s"
+    if elapsed < timeout:
+        ended = (
+            f"{'timed out' if timed_out else 'failed'} after {elapsed:.1f}s (limit {timeout:g}s)"
+        )
     return CoordinationError(
         f"rank {topo.rank} on {socket.gethostname()}: {name} over {topo.world_size} ranks "
         f"{ended}: {who}. {name} is collective: every rank must call "

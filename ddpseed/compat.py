@@ -9,6 +9,7 @@ a restored loader with the epochs it is then moved to (:func:`epoch_move_problem
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -81,6 +82,8 @@ def plan_state_problem(state: Any, now: Mapping[str, Any]) -> str:
     return identity_problem(state, now)
 
 
+# The names plan.dataloader gives loaders made without name=: creation order, not a choice.
+AUTO_NAME = re.compile(r"loader[0-9]+")
 # What a loader's state must match to continue it: state key -> how a message names it.
 CONTRACT = {
     "dataset_length": "dataset length",

@@ -264,12 +264,17 @@ def refuse_unknown_launch(topo: Topology, env: dict[str, str] | os._Environ[str]
     world = env.get("WORLD_SIZE", "").strip()
     if topo.launcher != "single" or not world.isdecimal() or int(world) <= 1:
         return
-    given = ", ".join(f"{k}={env[k]}" for k in ("LOCAL_RANK", "NODE_RANK") if k in env)
+    if "LOCAL_RANK" not in env:  # often exported in a batch script for a torchrun it starts
+        log.warning(
+            "WORLD_SIZE=%s is set but no launcher's rank variables are: running as one "
+            "process (rank 0 of 1, the whole dataset)",
+            world,
+        )
+        return
     raise TopologyError(
-        f"WORLD_SIZE={world}{' and ' + given if given else ''} are set but RANK is not, and no "
-        "process group exists: a launcher ddpseed does not read started this process "
+        f"WORLD_SIZE={world} and LOCAL_RANK={env['LOCAL_RANK']} are set but RANK is not, and "
+        "no process group exists: a launcher ddpseed does not read started this process "
         "(PyTorch Lightning's own launcher does this), so its rank is unknown. fix: launch "
         "with torchrun, srun or mpirun, or call ddpseed.setup() after the process group "
-        "exists (in a LightningModule or DataModule setup() hook); a stale WORLD_SIZE in "
-        "the shell: unset it"
+        "exists (in a LightningModule or DataModule setup() hook)"
     )

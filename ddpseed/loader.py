@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from .collective import call_id, disagreement, exchange
 from .compat import (
+    AUTO_NAME,
     CONTRACT,
     ELASTIC_FREE,
     LEGACY,
@@ -143,17 +144,19 @@ class SeededDataLoader(DataLoader[Any]):
 
     def _sync_epoch(self) -> None:
         if self.epoch != self._epoch:
-            problem = epoch_move_problem(self.name, self._restored_state, self.epoch)
-            if problem:
-                raise StateError(problem)
-            self._restored_state = None
             self._epoch = self.epoch
             self._resume_at = self._position = self._passes = 0
             self._finished = self._restored_finished = False
             self._latest += 1
 
     # -- iteration ----------------------------------------------------------------------------
+    def _check_epoch_move(self) -> None:
+        problem = epoch_move_problem(self.name, self._restored_state, self.epoch)
+        if problem:
+            raise StateError(problem)
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._check_epoch_move()
         self._sync_epoch()
         start = self._resume_at
         self._check_ranks(start)
@@ -222,6 +225,7 @@ class SeededDataLoader(DataLoader[Any]):
     def _advance(self, run: _Pass) -> None:
         if run.number == self._latest:
             self._position = min(self._position + self._step, self._shard_length)
+            self._restored_state = None  # it is being continued: the epoch may move on later
 
     def _end(self, run: _Pass) -> None:
         if run.number != self._latest:
@@ -258,6 +262,12 @@ class SeededDataLoader(DataLoader[Any]):
 
     def state_dict(self) -> dict[str, Any]:
         """This loader's epoch and position (torchdata's ``Stateful`` protocol)."""
+        self._check_epoch_move()  # a state that lost the restored one must not be saved
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """:meth:`state_dict` without the restored-epoch check: what an undone restore puts
+        back (:meth:`rewind`)."""
         self._sync_epoch()
         return {
             "name": self.name,
@@ -297,7 +307,9 @@ class SeededDataLoader(DataLoader[Any]):
         if not isinstance(state, dict) or any(k not in state and k not in LEGACY for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             return f"loader {self.name!r}: {found} is not a ddpseed loader state"
-        if state.get("name", self.name) != self.name:
+        if state.get("name", self.name) != self.name and not (
+            AUTO_NAME.fullmatch(self.name) and AUTO_NAME.fullmatch(str(state["name"]))
+        ):  # two names of creation order: the registry judges those (registry.misplaced)
             return (
                 f"loader {self.name!r}: the state is loader {state['name']!r}'s; give each "
                 f"loader its own state (a loader renamed since: set state['name'] = "
@@ -355,7 +367,19 @@ class SeededDataLoader(DataLoader[Any]):
         problem = self.mismatch(state)
         if problem:
             raise StateError(f"{problem}. Nothing was restored")
-        self._restored_state = None  # superseded: this state is the one to continue
+        origin = self._continue(state)
+        self._restores += 1
+        self._restored_state = {k: state[k] for k in ("epoch", "position", "finished")}
+        self._restored_state["origin"] = origin
+
+    def rewind(self, state: dict[str, Any]) -> None:
+        """Go back to ``state`` (a :meth:`snapshot` of this loader) when a restore is undone:
+        not a restore, so nothing is counted or guarded."""
+        self._continue(state)
+        self._restored_state = None
+
+    def _continue(self, state: dict[str, Any]) -> int:
+        """Take ``state``'s epoch and position (already checked); returns the origin."""
         self.set_epoch(int(state["epoch"]))
         self._sync_epoch()
         origin, position, dealt_again = self._placement(state)
@@ -371,9 +395,7 @@ class SeededDataLoader(DataLoader[Any]):
         self._restored_finished = self._finished
         self._latest += 1
         self._restored = self._latest
-        self._restores += 1
-        self._restored_state = {k: state[k] for k in ("epoch", "position", "finished")}
-        self._restored_state["origin"] = origin
+        return int(origin)
 
     def __repr__(self) -> str:
         return (

@@ -305,7 +305,7 @@ class SeedPlan:
             restore_rngs(rng, self._cuda_device)
             self._forks.undo_load()
             for loader, before in claimed:  # made after the restore: fresh again, then
-                loader.load_state_dict(before)  # moved to the epoch below like the others
+                loader.rewind(before)  # moved to the epoch below like the others
             self._move_epoch(epoch)
             self._loaders.put_back(prior)
         raise StateError(
@@ -355,6 +355,7 @@ class SeedPlan:
         nothing. States of loaders not made yet are applied when they are made."""
         self.check_state(state, source=source)
         rng, epoch = capture_rngs(self._cuda_device), self._epoch
+        loaders = self._loaders.snapshot()  # before the epoch moves: what an undo puts back
         try:
             restore_rngs(state["rng"], self._cuda_device)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
@@ -365,7 +366,7 @@ class SeedPlan:
             ) from exc
         self._forks.load_state_dict(dict(state.get("forks", {})))
         self._move_epoch(int(state["epoch"]))  # a state waiting from an earlier restore is replaced
-        self._loaders.restore(dict(state["loaders"]), rng, epoch)
+        self._loaders.restore(dict(state["loaders"]), (rng, epoch, loaders))
 
     def check_state(self, state: dict[str, Any], *, source: str = "state dict") -> None:
         """Raise :class:`StateError` if ``state`` cannot continue this run; changes nothing."""

@@ -13,18 +13,16 @@ restored state would continue it (creation order differed: :meth:`LoaderRegistry
 from __future__ import annotations
 
 import gc
-import re
 import weakref
 from typing import Any
 
-from .compat import epoch_move_problem
+from .compat import AUTO_NAME, epoch_move_problem
 from .errors import StateError
 from .loader import SeededDataLoader
 
 # (RNG states, epoch, live loaders' states) as they were before a restore.
 Before = tuple[dict[str, Any], int, dict[str, dict[str, Any]]]
 # The names plan.dataloader() gives loaders made without name=: their creation order.
-AUTO_NAME = re.compile(r"loader[0-9]+")
 
 
 class LoaderRegistry:
@@ -105,7 +103,7 @@ class LoaderRegistry:
     def claim(self, loader: SeededDataLoader, state: dict[str, Any]) -> None:
         """Continue ``state`` (already checked) in the new ``loader`` that it waited for."""
         if self._before is not None:
-            self._claimed.append((weakref.ref(loader), loader.state_dict()))
+            self._claimed.append((weakref.ref(loader), loader.snapshot()))
         del self._pending[loader.name]
         loader.load_state_dict(state)
 
@@ -149,16 +147,20 @@ class LoaderRegistry:
         loaders = {**self._pending, **{n: ld.state_dict() for n, ld in self.unique().items()}}
         return {"loaders": loaders, "loaders_made": self._made}
 
-    def restore(self, saved: dict[str, dict[str, Any]], rng: dict[str, Any], epoch: int) -> None:
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every live loader's :meth:`SeededDataLoader.snapshot`, by name (before a restore)."""
+        return {name: ld.snapshot() for name, ld in self.unique().items()}
+
+    def restore(self, saved: dict[str, dict[str, Any]], before: Before) -> None:
         """Give live loaders their saved states (already checked) and keep the rest waiting;
-        ``rng`` and ``epoch`` are the plan's before the restore, for :meth:`undo`."""
+        ``before`` is the plan's RNGs, epoch and :meth:`snapshot` before the restore, for
+        :meth:`undo`."""
         live = self.unique()
-        prior = {name: ld.state_dict() for name, ld in live.items()}
         for name, loader in live.items():
             if name in saved:
                 loader.load_state_dict(saved[name])
         self._pending = {n: s for n, s in saved.items() if n not in live}
-        self._before = (rng, epoch, prior) if self._pending else None
+        self._before = before if self._pending else None
         self._claimed = []
 
     def undo(self) -> tuple[Before, list[tuple[SeededDataLoader, dict[str, Any]]]] | None:
@@ -172,4 +174,4 @@ class LoaderRegistry:
     def put_back(self, prior: dict[str, dict[str, Any]]) -> None:
         for name, loader in self.live().items():
             if name in prior:
-                loader.load_state_dict(prior[name])
+                loader.rewind(prior[name])

@@ -173,6 +173,15 @@ def test_world_size_without_rank_and_no_group_is_refused_naming_the_variables() 
     )
     assert proc.returncode != 0
     assert "TopologyError: WORLD_SIZE=2 and LOCAL_RANK=1 are set but RANK is not" in proc.stderr
+    alone = subprocess.run(  # a WORLD_SIZE exported for a torchrun the batch script starts
+        [sys.executable, "-c", "import ddpseed; print(ddpseed.setup(seed=1, timeout=20).rank)"],
+        env={k: v for k, v in env.items() if k != "LOCAL_RANK"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert alone.returncode == 0 and alone.stdout.strip() == "0", alone.stderr[-2000:]
+    assert "WORLD_SIZE=2 is set but no launcher's rank variables are" in alone.stderr
     assert "launch with torchrun, srun or mpirun" in proc.stderr
 
 

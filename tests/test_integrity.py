@@ -183,6 +183,14 @@ def test_a_plan_state_restored_on_some_ranks_only_stops_every_rank_at_iter(tmp_p
     )
 
 
+def test_a_rank_that_never_arrives_is_named_when_the_group_times_out_first() -> None:
+    """pg_timeout below timeout: gloo's own timeout ends the wait first; that is still a rank
+    that never arrived, not "a peer failed"."""
+    results = run_case(2, "loader", env={"PG_TIMEOUT": "3"}, per_rank={1: {"ACTIONS": "barrier"}})
+    messages = assert_all_failed(results, "CoordinationError", dead=(1,))
+    assert "rank 1 never reached it" in messages[0] and "timed out after" in messages[0]
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 def test_save_killed_between_fsync_and_rename_leaves_the_previous_checkpoint(
     tmp_path: Path,

@@ -647,3 +647,92 @@ def test_a_resumed_loop_restarted_at_a_stale_plan_epoch_is_refused_not_replayed(
         iter(loader)
     loader.sampler.set_epoch(3)  # type: ignore[attr-defined]  # the fix: loader.epoch was 3
     assert len(sums(loader)) == 10
+
+
+def _epochs(resume: dict[str, Any] | None = None, stop: tuple[int, int] | None = None) -> Any:
+    """Three epochs of at most 3 steps of 10 (a loop that leaves each pass early); returns the
+    batches seen and, at ``stop`` (epoch, step), the plan's state."""
+    plan, seen, start = make_plan(), [], 0
+    loader = plan.dataloader(range(40), batch_size=4, name="train")
+    if resume is not None:
+        plan.load_state_dict(resume)
+        start = plan.epoch
+    for epoch in range(start, 3):
+        plan.set_epoch(epoch)
+        done = loader.state_dict()["position"] // 4  # steps of this epoch already taken
+        for step, batch in enumerate(loader, done):
+            seen.append(batch.tolist())
+            if (epoch, step) == stop:
+                return seen, plan.state_dict()
+            if step == 2:
+                break
+    return seen, None
+
+
+def test_a_resumed_pass_left_early_lets_the_loop_move_on_to_the_next_epoch() -> None:
+    """A fixed number of steps per epoch (break, limit_train_batches) never ends the restored
+    pass; the restored-epoch check must not then refuse the next epoch."""
+    full, _ = _epochs()
+    part, state = _epochs(stop=(1, 0))
+    rest, _ = _epochs(resume=state)
+    assert part + rest == full
+
+
+def test_an_undone_restore_leaves_every_loader_as_it_was_ready_to_train() -> None:
+    old = make_plan()
+    loader = old.dataloader(range(40), batch_size=4, name="train")
+    kept = old.dataloader(range(16), batch_size=4, name="val")
+    old.set_epoch(2)
+    _take(loader, 1)
+    saved = old.state_dict()
+    assert set(saved["loaders"]) == {"train", "val"} and kept.epoch == 2
+    plan = make_plan()
+    live = plan.dataloader(range(40), batch_size=4, name="train")  # restored, then undone
+    plan.load_state_dict(saved)
+    late = plan.dataloader(range(40), batch_size=4, name="late")  # made, then val refused
+    with pytest.raises(ddpseed.StateError, match="undone"):
+        plan.dataloader(range(16), batch_size=8, name="val")
+    assert plan.epoch == 0 and live.epoch == 0 and live.state_dict()["position"] == 0
+    for epoch in (0, 1):  # the script trains on from scratch, as the message says it may
+        plan.set_epoch(epoch)
+        assert len(sums_of(live)) == 10 and len(sums_of(late)) == 10
+
+
+def sums_of(loader: Any) -> list[Any]:
+    return [batch.tolist() for batch in loader]
+
+
+@pytest.mark.parametrize("style", ["plan.set_epoch", "loader.sampler.set_epoch"])
+def test_a_second_load_rolls_back_without_leaving_the_plan_half_restored(style: str) -> None:
+    plan = make_plan()
+    loader = plan.dataloader(range(40), batch_size=4, name="train")
+    saved = {}
+    for epoch in range(3):
+        if style == "plan.set_epoch":
+            plan.set_epoch(epoch)
+        else:
+            loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        _take(loader, 1)
+        saved[epoch] = plan.state_dict()
+    plan = make_plan()
+    loader = plan.dataloader(range(40), batch_size=4, name="train")
+    plan.load_state_dict(saved[2])
+    _take(loader, 2)
+    plan.load_state_dict(saved[1])  # a roll-back to an older checkpoint
+    assert (loader.epoch, loader.state_dict()["position"]) == (1, 4)
+    plan.load_state_dict(saved[1])  # and the same one again
+    assert len(sums_of(loader)) == 9
+
+
+def test_unnamed_loaders_take_their_own_state_through_load_state_dict() -> None:
+    """A loader made again every epoch without name= is 'loader<k>': its own torchdata-style
+    state, saved as 'loader1', must load into the resumed run's 'loader0'."""
+    saved_by = make_plan()
+    saved_by.dataloader(range(40), batch_size=4)
+    first = saved_by.dataloader(range(40), batch_size=4)
+    _take(first, 3)
+    state = first.state_dict()
+    assert state["name"] == "loader1"
+    again = make_plan().dataloader(range(40), batch_size=4)
+    again.load_state_dict(state)
+    assert again.name == "loader0" and len(sums_of(again)) == 7

@@ -2,7 +2,8 @@
 
 Settings come from the environment (per rank where a test gives ranks different values):
 DATA_LEN, BATCH, WORKERS, SHUFFLE, DROP_LAST, SCALABLE, RANDOMNESS, EPOCH, SCHEME,
-DETERMINISTIC, STATE (checkpoint path), TIMEOUT, LOADER_NAME, MESH ("dp=1,tp=2": setup(mesh=)).
+DETERMINISTIC, STATE (checkpoint path), TIMEOUT, PG_TIMEOUT, LOADER_NAME, MESH ("dp=1,tp=2":
+setup(mesh=)).
 Actions:
 
   loader        plan.dataloader(range(DATA_LEN), ...) named LOADER_NAME ("train")
@@ -75,6 +76,7 @@ try:
         timeout=timeout,
         scheme=env.get("SCHEME", "default"),  # type: ignore[arg-type]
         deterministic=flag("DETERMINISTIC"),
+        pg_timeout=float(env["PG_TIMEOUT"]) if env.get("PG_TIMEOUT") else None,
         mesh={d: int(n) for d, n in (kv.split("=") for kv in env["MESH"].split(","))}
         if env.get("MESH")
         else None,
