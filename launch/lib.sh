@@ -90,12 +90,15 @@ ddpseed_check_port() {
     fi
 }
 
-# ddpseed_job_port ID: the rendezvous port of a launch with numeric id ID (a Slurm job id, a
-# process id): 10000 + ID % 20000, as ddpseed.launchers.job_port derives it in Python, so a
-# script and the library pick the same port and concurrent jobs on one node pick different ones.
+# ddpseed_job_port ID [STEP]: the rendezvous port of step STEP (default 0) of the launch with
+# numeric id ID (a Slurm job id and step id, a process id): 10000 + (ID + 7639 * STEP) % 20000,
+# as ddpseed.launchers.job_port derives it in Python, so a script and the library pick the same
+# port, and concurrent jobs on one node, or concurrent steps of one job, different ones.
 ddpseed_job_port() {
+    local step=${2:-0}
     is_uint "$1" || ddpseed_die "job id $1 is not a number"
-    echo $((10000 + 10#$1 % 20000))
+    is_uint "$step" || ddpseed_die "step id $step is not a number"
+    echo $((10000 + (10#$1 + 7639 * 10#$step) % 20000))
 }
 
 # ddpseed_valid_seed TEXT: prints TEXT as a seed and succeeds when ddpseed.validate_seed

@@ -92,8 +92,11 @@ def test_launch_scripts_accept_exactly_the_seeds_the_library_accepts(text: str) 
 
 
 @pytest.mark.parametrize("job", ["0", "17", "19999", "20000", "1143930881", "9000000000123"])
-def test_launch_scripts_derive_the_library_port(job: str) -> None:
-    assert _lib("ddpseed_job_port", job) == str(job_port(job))
+@pytest.mark.parametrize("step", [None, "0", "1", "2", "17", "4294967293"])
+def test_launch_scripts_derive_the_library_port(job: str, step: str | None) -> None:
+    """Job and step: two srun steps of one job at once get two ports in both languages."""
+    args = (job,) if step is None else (job, step)
+    assert _lib("ddpseed_job_port", *args) == str(job_port(*args))
 
 
 SCRIPTS_WITH_SEEDS = [

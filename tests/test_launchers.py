@@ -122,6 +122,17 @@ def test_hydra_one_node_port_comes_from_its_proxy(monkeypatch: pytest.MonkeyPatc
         detect(HYDRA_RANK1)
 
 
+def test_srun_steps_of_one_job_get_ports_and_launch_ids_of_their_own() -> None:
+    """Before: every step of a job derived 10000 + job % 20000, so two steps running at once on
+    one node (`srun --exact -n2 ... &` twice) met there. Step 0 keeps the job's port (the one
+    launch/slurm_srun.sbatch exports)."""
+    steps = [detect({**SRUN_TASK5, "SLURM_STEP_ID": str(s)}) for s in range(3)]
+    assert len({t.master_port for t in steps}) == 3
+    assert [t.master_port for t in steps] == [job_port("4242", str(s)) for s in range(3)]
+    assert steps[0].master_port == 10000 + 4242 % 20000
+    assert [t.launch_id for t in steps] == ["slurm-4242.0", "slurm-4242.1", "slurm-4242.2"]
+
+
 def test_srun_mpi_pmi2_and_pmix_tasks_are_slurm_tasks() -> None:
     """srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE, --mpi=pmix PMIX_RANK, for the same task
     (https://slurm.schedmd.com/mpi_guide.html): Slurm's description (nodes, hosts) wins."""
@@ -168,6 +179,19 @@ def test_jsrun_takes_rank0_host_after_the_launch_node() -> None:
            "OMPI_COMM_WORLD_RANK": "7", "OMPI_COMM_WORLD_SIZE": "12",
            "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "6"}  # fmt: skip
     assert summary(env) == ("lsf", 7, 1, 12, 6, 1, 2, "a01n05", job_port("90210"))
+
+
+def test_two_jsruns_of_one_lsf_job_get_ports_of_their_own() -> None:
+    """jsrun, a PMIx server, gives each launch its namespace (PMIX_NAMESPACE). Before: the port
+    came from LSB_JOBID alone, so two jsruns of one job at once met at one port."""
+    env = {"JSM_NAMESPACE_RANK": "0", "JSM_NAMESPACE_SIZE": "2",
+           "JSM_NAMESPACE_LOCAL_RANK": "0", "JSM_NAMESPACE_LOCAL_SIZE": "2",
+           "LSB_JOBID": "90210"}  # fmt: skip
+    first, second = (detect({**env, "PMIX_NAMESPACE": f"90210.{n}"}) for n in (1, 2))
+    assert first.master_port != second.master_port
+    assert first.master_port == job_port("90210", "90210.1")
+    assert (first.launch_id, second.launch_id) == ("lsf-90210.90210.1", "lsf-90210.90210.2")
+    assert detect(env).master_port == job_port("90210")  # no namespace: the job's port
 
 
 def test_openmpi_inside_lsf_without_jsrun_uses_the_first_host() -> None:

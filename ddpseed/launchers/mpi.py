@@ -96,7 +96,12 @@ class MpiEnvironment(LauncherEnvironment):
         return f"{self.rank_var}={self.env[self.rank_var]} is set"
 
     def job(self, local_world: int, world: int) -> str | None:
+        """The launch's own job id, the same on every rank (None where it names none)."""
         raise NotImplementedError
+
+    def step(self) -> str | None:
+        """What tells apart launches of one job (LSF: jsrun's PMIx namespace), else None."""
+        return None
 
     def num_nodes(self, world: int, local_world: int, hosts: Sequence[str]) -> int:
         return -(-world // local_world)
@@ -120,8 +125,13 @@ class MpiEnvironment(LauncherEnvironment):
         local_world = int_var(env, local_size_var, 1) if local_size_var else 1
         hosts = [] if local_world == world else self.hosts()
         num_nodes = max(self.num_nodes(world, local_world, hosts), 1)
-        job = self.job(local_world, world) or allocation_job(env)
-        addr, port = self.rendezvous(rank, world, local_world, hosts, job)
+        own, step = self.job(local_world, world), self.step()
+        addr, port = self.rendezvous(
+            rank, world, local_world, hosts, own or allocation_job(env), step if own else None
+        )
+        # Only the launcher's own id names the launch alike on every rank: the Slurm step a
+        # rank sees differs between mpirun's node and the nodes of its daemons.
+        launch = f"{self.name}-{own}{f'.{step}' if step else ''}" if own else None
         return Topology(
             launcher=self.name,
             rank=rank,
@@ -133,6 +143,7 @@ class MpiEnvironment(LauncherEnvironment):
             master_addr=addr,
             master_port=port,
             run_id=slurm_run_id(env),
+            launch_id=launch,
         )
 
     def node_rank(self, rank: int, local_world: int, num_nodes: int) -> int:
