@@ -253,6 +253,37 @@ def test_kubeflow_pod_asking_for_several_processes_needs_torchrun() -> None:
         detect(env)
 
 
+def test_kubeflow_default_nproc_auto_pod_is_one_rank_per_pod() -> None:
+    """training-operator 1.9 defaults nprocPerNode to "auto" (PET_NPROC_PER_NODE=auto) and
+    counts it as 1 in WORLD_SIZE (pkg/controller.v1/pytorch/envvar.go): a plain `python
+    train.py` PyTorchJob. Before: refused as asking for torchrun."""
+    for nproc in ("auto", "gpu", "cpu"):
+        env = {**KUBEFLOW_POD, "PET_NPROC_PER_NODE": nproc}
+        assert summary(env) == ("kubeflow", 2, 0, 3, 1, 2, 3, "job-master-0", 23456)
+    # a WORLD_SIZE counting more processes than pods still needs torchrun
+    with pytest.raises(TopologyError, match=r"PET_NPROC_PER_NODE=auto .*\(WORLD_SIZE=12\)"):
+        detect({**KUBEFLOW_POD, "PET_NPROC_PER_NODE": "auto", "WORLD_SIZE": "12"})
+
+
+def test_an_inner_launcher_in_a_kubeflow_pod_wins() -> None:
+    """A pod (nprocPerNode 1) whose command is a per-GPU launcher other than torchrun
+    (DeepSpeed's) exporting RANK/LOCAL_RANK/WORLD_SIZE for its workers, without
+    TORCHELASTIC_RUN_ID. The operator never sets LOCAL_RANK and sets RANK = PET_NODE_RANK.
+    Before: every worker of pod 1 became kubeflow rank 1 of 3 (same seeds, same shard)."""
+    inner = {"PET_NODE_RANK": "1", "WORLD_SIZE": "12", "MASTER_PORT": "29500"}
+    workers = [
+        {**KUBEFLOW_POD, **inner, "RANK": str(4 + local), "LOCAL_RANK": str(local)}
+        for local in range(4)
+    ]
+    assert [summary(w)[:5] for w in workers] == [
+        ("torchrun", 4 + local, local, 12, 12) for local in range(4)
+    ]
+    assert [o.name for o in outranked(workers[1])] == []  # kubeflow steps aside entirely
+    # RANK rewritten without LOCAL_RANK (an mp.spawn wrapper) is the inner launcher's too
+    assert detect({**KUBEFLOW_POD, "RANK": "7", "WORLD_SIZE": "12"}).launcher == "torchrun"
+    assert detect(KUBEFLOW_POD).launcher == "kubeflow"  # RANK == PET_NODE_RANK: the pod's own
+
+
 def test_torchrun_inside_a_kubeflow_pod_is_torchrun() -> None:
     worker = {**KUBEFLOW_POD, "TORCHELASTIC_RUN_ID": "none", "RANK": "9", "WORLD_SIZE": "12",
               "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "2",
@@ -310,7 +341,8 @@ class Recorder(Mapping[str, str]):
 
 @pytest.mark.parametrize(
     "env",
-    [OMPI_RANK1, HYDRA_RANK1, SRUN_TASK5, KUBEFLOW_POD, SAGEMAKER, {}, {"RANK": "0",
+    [OMPI_RANK1, HYDRA_RANK1, SRUN_TASK5, KUBEFLOW_POD, {**KUBEFLOW_POD, "LOCAL_RANK": "0"},
+     SAGEMAKER, {}, {"RANK": "0",
      "WORLD_SIZE": "1"}, {**OMPI_RANK1, "OMPI_COMM_WORLD_SIZE": "4", "LSB_JOBID": "1",
      "LSB_MCPU_HOSTS": "a 2 b 2"}],
 )  # fmt: skip
