@@ -178,18 +178,26 @@ ddpseed_run() {
     exec "$@"
 }
 
-# ddpseed_slurm_master: exports MASTER_ADDR (default: the NodeAddr of the allocation's first
-# node, the address Slurm itself reaches it at; rank 0 runs there under srun's block
-# distribution) and MASTER_PORT (default: derived from the job id, as ddpseed does). Sets
-# NODES to the allocation's node names.
-ddpseed_slurm_master() {
+# ddpseed_slurm_addr: sets NODES to the Slurm job's node names and exports MASTER_ADDR
+# (default: the NodeAddr of its first node, the address Slurm itself reaches it at, else its
+# name; rank 0 runs there under srun's block distribution and mpirun's default mapping).
+ddpseed_slurm_addr() {
     # Read the whole list (no `| head -n1`: with pipefail, head closing early can kill us).
     mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     if [[ -z ${MASTER_ADDR:-} ]]; then
-        MASTER_ADDR=$(scontrol show node "${NODES[0]}" -o | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+        ((${#NODES[@]})) || ddpseed_die "scontrol show hostnames $SLURM_JOB_NODELIST named" \
+            "no node; export MASTER_ADDR (the address of the job's first node)"
+        MASTER_ADDR=$(scontrol show node "${NODES[0]}" -o |
+            sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p') || MASTER_ADDR=
         MASTER_ADDR=${MASTER_ADDR:-${NODES[0]}}
     fi
     export MASTER_ADDR
+}
+
+# ddpseed_slurm_master: ddpseed_slurm_addr, and exports MASTER_PORT (default: derived from the
+# job id as ddpseed derives it for the job's first step, which the script's srun starts).
+ddpseed_slurm_master() {
+    ddpseed_slurm_addr
     export MASTER_PORT=${MASTER_PORT:-$(ddpseed_job_port "$SLURM_JOB_ID")}
     ddpseed_check_port MASTER_PORT "$MASTER_PORT"
     # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task; pass it on.

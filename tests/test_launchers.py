@@ -95,23 +95,31 @@ def test_a_world_of_one_inside_an_outer_launch_of_several_is_warned_about(
     assert caplog.text == ""
 
 
-def test_mpirun_inside_slurm_is_openmpi_with_rank0_on_the_first_node() -> None:
-    """mpirun starts its daemons with srun, so ranks also see the daemon step's SLURM_*
-    (SLURM_PROCID = the node): Open MPI's variables win, the nodelist names rank 0's host."""
-    env = {
-        **SRUN_TASK5,
-        "SLURM_PROCID": "1",
-        "SLURM_STEP_NUM_TASKS": "2",
-        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
-        "OMPI_COMM_WORLD_RANK": "6",
-        "OMPI_COMM_WORLD_SIZE": "8",
-        "OMPI_COMM_WORLD_LOCAL_RANK": "2",
-        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
-        "OMPI_MCA_ess_base_jobid": "77",
-        "OMPI_MCA_orte_num_nodes": "2",
-    }
-    assert summary(env) == ("openmpi", 6, 2, 8, 4, 1, 2, "gpu07", job_port("77"))
-    assert [o.name for o in outranked(env)] == ["slurm"]
+def test_mpirun_inside_sbatch_gives_every_rank_the_first_node_of_the_job() -> None:
+    """Open MPI's mpirun inside a 2-node sbatch: rank 0 runs beside mpirun, in the batch
+    script's environment; mpirun starts its daemon on the other node with `srun --nodes=1
+    --nodelist=gpu08` (plm_slurm), so ranks there see a Slurm step of gpu08 alone. Before,
+    those ranks took gpu08 (their step's nodelist) as rank 0's host while rank 0 took gpu07.
+    Open MPI's variables win; every rank reads the job's nodelist."""
+    batch = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]",
+             "SLURM_NODELIST": "gpu[07-08]", "SLURM_PROCID": "0", "SLURM_NTASKS": "8",
+             "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "0"}  # fmt: skip
+    daemon_step = {**batch, "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu08",
+                   "SLURM_NODELIST": "gpu08", "SLURM_STEP_NUM_NODES": "1",
+                   "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1",
+                   "SLURM_NTASKS": "1", "SLURM_NNODES": "1", "SLURM_LOCALID": "0"}  # fmt: skip
+
+    def ompi(rank: int) -> dict[str, str]:
+        return {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "8",
+                "OMPI_COMM_WORLD_LOCAL_RANK": str(rank % 4), "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+                "OMPI_MCA_ess_base_jobid": "77", "OMPI_MCA_orte_num_nodes": "2"}  # fmt: skip
+
+    assert summary({**batch, **ompi(0)}) == ("openmpi", 0, 0, 8, 4, 0, 2, "gpu07", job_port("77"))
+    remote = {**daemon_step, **ompi(6)}
+    assert summary(remote) == ("openmpi", 6, 2, 8, 4, 1, 2, "gpu07", job_port("77"))
+    assert [o.name for o in outranked(remote)] == ["slurm"]
+    # one launch for the start-up check, though the ranks see two Slurm steps
+    assert detect(remote).launch_id == detect({**batch, **ompi(0)}).launch_id == "openmpi-77"
 
 
 def test_hydra_one_node_port_comes_from_its_proxy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from .base import (
     first_set,
     int_var,
 )
-from .slurm import NODELIST_VARIABLES, slurm_job_id, slurm_run_id, started_by_srun
+from .slurm import slurm_job_id, slurm_run_id, started_by_srun
 
 
 def hostfile_hosts(env: Mapping[str, str], var: str) -> list[str]:
@@ -46,9 +46,16 @@ def lsf_hosts(env: Mapping[str, str]) -> list[str]:
     return list(dict.fromkeys(words))
 
 
+# The job's nodes first: Open MPI's mpirun inside sbatch starts its remote daemons with `srun
+# --nodelist=<the other nodes>`, so ranks there see a step nodelist without mpirun's own node
+# (where rank 0 runs), while rank 0 sees the batch script's environment.
+MPI_NODELIST_VARIABLES = ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST")
+
+
 def allocation_hosts(env: Mapping[str, str]) -> list[str]:
-    """The hosts of the batch allocation an MPI launcher runs in (Slurm, LSF, PBS), else []."""
-    var = first_set(env, NODELIST_VARIABLES)
+    """The hosts of the batch allocation an MPI launcher runs in (Slurm, LSF, PBS), else []:
+    the same list on every rank, wherever its daemon was started."""
+    var = first_set(env, MPI_NODELIST_VARIABLES)
     if var and slurm_job_id(env):
         return expand_hostlist(env[var], var=var)
     if "LSB_JOBID" in env:
