@@ -40,20 +40,26 @@ def from_existing_group(topo: Topology) -> Topology:
     """``topo``, or the job of a process group the script made where no launcher variables
     describe one: the DDP tutorial's ``mp.spawn`` + ``init_process_group(rank=, world_size=)``
     with only ``MASTER_ADDR``/``MASTER_PORT`` set. Read as one process, every rank would take
-    the same seeds and the whole dataset. The local rank (the GPU) is the rank modulo the
-    node's GPUs, as the tutorial places them."""
+    the same seeds and the whole dataset. The local rank (the GPU) is the device the script
+    made current where it started CUDA (``torch.cuda.set_device``: a multi-node spawn of 2
+    processes on 8-GPU nodes uses cuda:0 and cuda:1 on each), else the rank modulo the node's
+    GPUs, as the tutorial places them; node counts are estimates for reports."""
     if topo.launcher != "single" or not dist.is_available() or not dist.is_initialized():
         return topo
     world = dist.get_world_size()
     if world == 1:
         return topo
     rank, per_node = dist.get_rank(), min(world, torch.cuda.device_count() or world)
+    local = rank % per_node
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        local = torch.cuda.current_device()
+        per_node = max(per_node, local + 1)
     log.info("rank %d of %d from the process group the script made", rank, world)
     return dataclasses.replace(
         topo,
         launcher="group",
         rank=rank,
-        local_rank=rank % per_node,
+        local_rank=local,
         world_size=world,
         local_world_size=per_node,
         node_rank=rank // per_node,
