@@ -54,6 +54,7 @@ class ErrorKind(IntEnum):
     MESH = 1
     RUN_DIR = 2
     ARGUMENT = 3
+    DEVICE = 4
 
     def raise_for(self, lines: str, count: int, world_size: int) -> NoReturn:
         what, cls = {
@@ -61,6 +62,7 @@ class ErrorKind(IntEnum):
             ErrorKind.MESH: ("invalid mesh settings", ArgumentError),
             ErrorKind.RUN_DIR: ("invalid run directory", RunDirError),
             ErrorKind.ARGUMENT: ("invalid setup() argument", ArgumentError),
+            ErrorKind.DEVICE: ("no GPU for the local rank", TopologyError),
         }[self]
         raise cls(f"{what} on {count} of {world_size} ranks; no rank was seeded:\n{lines}")
 

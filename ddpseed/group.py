@@ -8,13 +8,16 @@ be running.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import socket
 import time
 import weakref
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,32 +26,40 @@ from torch.distributed import distributed_c10d as c10d
 from torch.distributed.rendezvous import rendezvous
 
 from . import collective
+from .collective import strip_rank
 from .errors import ArgumentError, CoordinationError, TopologyError, first_line
 from .topology import Topology
 
 log = logging.getLogger(__name__)
 # Backends whose group timeout torch can change after creation (c10d._set_pg_timeout).
 _SETTABLE = ("gloo", "nccl")
+VERDICT_GRACE = 10.0  # seconds rank 0 keeps a refusing start-up check's store for the others
 
 
 def from_existing_group(topo: Topology) -> Topology:
     """``topo``, or the job of a process group the script made where no launcher variables
     describe one: the DDP tutorial's ``mp.spawn`` + ``init_process_group(rank=, world_size=)``
     with only ``MASTER_ADDR``/``MASTER_PORT`` set. Read as one process, every rank would take
-    the same seeds and the whole dataset. The local rank (the GPU) is the rank modulo the
-    node's GPUs, as the tutorial places them."""
+    the same seeds and the whole dataset. The local rank (the GPU) is the device the script
+    made current where it started CUDA (``torch.cuda.set_device``: a multi-node spawn of 2
+    processes on 8-GPU nodes uses cuda:0 and cuda:1 on each), else the rank modulo the node's
+    GPUs, as the tutorial places them; node counts are estimates for reports."""
     if topo.launcher != "single" or not dist.is_available() or not dist.is_initialized():
         return topo
     world = dist.get_world_size()
     if world == 1:
         return topo
     rank, per_node = dist.get_rank(), min(world, torch.cuda.device_count() or world)
+    local = rank % per_node
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        local = torch.cuda.current_device()
+        per_node = max(per_node, local + 1)
     log.info("rank %d of %d from the process group the script made", rank, world)
     return dataclasses.replace(
         topo,
         launcher="group",
         rank=rank,
-        local_rank=rank % per_node,
+        local_rank=local,
         world_size=world,
         local_world_size=per_node,
         node_rank=rank // per_node,
@@ -57,12 +68,21 @@ def from_existing_group(topo: Topology) -> Topology:
 
 
 def ensure_process_group(
-    topo: Topology, backend: str | None, timeout: float, *, pg_timeout: float | None = None
+    topo: Topology,
+    backend: str | None,
+    timeout: float,
+    *,
+    pg_timeout: float | None = None,
+    cuda_device: int | None = None,
+    startup_error: str = "",
 ) -> bool:
     """Initialise the default group from ``topo`` unless one exists; True if we created it.
 
     ``timeout`` bounds the creation. The group then keeps ``pg_timeout`` seconds for its own
     collectives: torch's default for the backend when None (an existing group is left as is).
+    ``cuda_device`` is this rank's GPU (NCCL binds the group to it). ``startup_error``, this
+    rank's reason not to start (e.g. no GPU for its local rank), reaches every rank through
+    the start-up check, before gloo/NCCL connect, and stops them all with one message.
     """
     if dist.is_initialized():
         if dist.get_world_size() != topo.world_size or dist.get_rank() != topo.rank:
@@ -98,8 +118,8 @@ def ensure_process_group(
         attempt,
     )
     kwargs = {}
-    if chosen == "nccl":
-        kwargs["device_id"] = torch.device("cuda", topo.local_rank)
+    if chosen == "nccl" and cuda_device is not None:
+        kwargs["device_id"] = torch.device("cuda", cuda_device)
     # Created under the setup timeout, so a rank lost between the rendezvous and its gloo/NCCL
     # connection fails every rank within it, and only then given its lasting timeout. Where
     # torch cannot change a group's timeout, the group is made with the lasting one instead.
@@ -119,7 +139,7 @@ def ensure_process_group(
         store, _, _ = next(
             rendezvous(url, topo.rank, topo.world_size, timeout=timedelta(seconds=remaining))
         )
-        _check_world(PrefixStore(prefix + "/world", store), topo)
+        _check_world(PrefixStore(prefix + "/world", store), topo, startup_error)
         dist.init_process_group(
             backend=chosen,
             store=PrefixStore(prefix, store),
@@ -132,6 +152,12 @@ def ensure_process_group(
         raise
     except Exception as exc:
         role = "listen" if topo.rank == 0 else "reach rank 0"
+        if topo.rank == 0 and "EADDRINUSE" in str(exc):
+            hint = (
+                f" Another process listens at that port: if it is another launch (this one is "
+                f"{_launch_name(topo.launch_id, topo.launcher)}), give each launch its own "
+                "MASTER_PORT." + hint
+            )
         raise CoordinationError(
             f"rank {topo.rank} on {socket.gethostname()}: could not {role} at "
             f"{topo.master_addr}:{topo.master_port} and gather {topo.world_size} ranks within "
@@ -145,19 +171,105 @@ def ensure_process_group(
     return True
 
 
-def _check_world(store: PrefixStore, topo: Topology) -> None:
-    """Compare world sizes through the rendezvous store before gloo/NCCL connect: a rank that
-    counts another world waits in the connect for ranks that never come (about five times
-    the timeout, then blaming the port). Rank 0 hears every rank; the others hear rank 0."""
-    store.set(str(topo.rank), str(topo.world_size))
-    for other in range(1, topo.world_size) if topo.rank == 0 else (0,):
-        theirs = int(store.get(str(other)))
-        if theirs != topo.world_size:
-            raise TopologyError(
-                f"rank {topo.rank}: this rank's {topo.launcher} environment says world size "
-                f"{topo.world_size}, rank {other}'s says {theirs}; every rank must be started "
-                "with the same world size (WORLD_SIZE or the launcher's equivalent)"
-            )
+def _check_world(store: PrefixStore, topo: Topology, error: str = "") -> None:
+    """Compare every rank's world size and launch, and gather their start-up errors, through
+    the rendezvous store before gloo/NCCL connect.
+
+    Why: a rank that counts another world waits in the connect for ranks that never come
+    (about five times the timeout, then blaming the port); processes of two launches that meet
+    at one port (two srun steps of one job on one node) would form a group of strangers; and a
+    rank that cannot start would leave the others waiting out the timeout. Each rank claims
+    its rank number (a second claimant is of another launch), rank 0 hears every rank and posts
+    a verdict, the others compare themselves with rank 0 and wait for that verdict.
+    """
+    mine = {"world": topo.world_size, "launch": topo.launch_id, "launcher": topo.launcher}
+    where = f"{topo.master_addr}:{topo.master_port}"
+    claim = store.add(f"claim/{topo.rank}", 1)
+    store.set(f"arrived/{topo.launch_id}/{topo.rank}", "1")
+    if claim > 1:
+        first = _entry(store, topo.rank)
+        store.set(f"read/{topo.rank}/{claim}", "1")
+        raise TopologyError(
+            f"rank {topo.rank}: another process already joined {where} as rank {topo.rank} "
+            f"({_launch_name(first['launch'], first['launcher'])}; this one is "
+            f"{_launch_name(topo.launch_id, topo.launcher)}): two launches met at one port. "
+            f"{_TWO_LAUNCHES_FIX}"
+        )
+    store.set(f"rank/{topo.rank}", json.dumps({**mine, "error": error}))
+    if topo.rank != 0:
+        problem = _differs(topo, "this rank", 0, _entry(store, 0), where)
+        verdict = "" if problem else store.get("verdict").decode()
+        if problem or verdict:  # read: rank 0 may go now, and its store with it
+            store.set(f"read/{topo.rank}/1", "1")
+        if problem:
+            raise TopologyError(f"rank {topo.rank}: {problem}")
+        if verdict:
+            raise TopologyError(f"rank {topo.rank}: stopped with every rank: {verdict}")
+        return
+    entries: dict[int, dict[str, Any]] = {0: {**mine, "error": error}}
+    verdict = ""
+    for other in range(1, topo.world_size):
+        entries[other] = _entry(store, other)
+        verdict = _differs(topo, "rank 0", other, entries[other], where)
+        if verdict:
+            break
+    failed = {r: e["error"] for r, e in entries.items() if e.get("error")}
+    if failed and not verdict:
+        verdict = (
+            f"{len(failed)} of {topo.world_size} ranks cannot start; no rank was seeded:\n"
+            + "\n".join(f"  rank {r}: {strip_rank(m, r)}" for r, m in failed.items())
+        )
+    store.set("verdict", verdict)
+    if verdict:
+        _linger(store, topo, stranger=any(e["launch"] != topo.launch_id for e in entries.values()))
+        raise TopologyError(f"rank 0: {verdict}")
+
+
+def _linger(store: PrefixStore, topo: Topology, *, stranger: bool) -> None:
+    """Rank 0 refusing: the store lives in this process, so keep it (at most VERDICT_GRACE
+    seconds a wait) until its own launch's ranks have arrived, where a stranger took a rank
+    before them, and until every process that claimed a rank so far has read its verdict."""
+    grace = timedelta(seconds=VERDICT_GRACE)
+    # A rank that died or went stops none of this: the others still hear the verdict.
+    if stranger:
+        mine = [f"arrived/{topo.launch_id}/{r}" for r in range(1, topo.world_size)]
+        with contextlib.suppress(Exception):
+            store.wait(mine, grace)
+    claims = {r: store.add(f"claim/{r}", 0) for r in range(1, topo.world_size)}
+    with contextlib.suppress(Exception):
+        store.wait([f"read/{r}/{k}" for r, n in claims.items() for k in range(1, n + 1)], grace)
+
+
+_TWO_LAUNCHES_FIX = (
+    "Give each launch its own MASTER_PORT, or leave MASTER_PORT unset where the launcher names "
+    "its launches (ddpseed then derives one port per Slurm job step, jsrun, MPI job)"
+)
+
+
+def _entry(store: PrefixStore, rank: int) -> dict[str, Any]:
+    entry: dict[str, Any] = json.loads(store.get(f"rank/{rank}"))
+    return entry
+
+
+def _launch_name(launch: str | None, launcher: str) -> str:
+    return f"launch {launch}" if launch else f"an unnamed {launcher} launch"
+
+
+def _differs(topo: Topology, me: str, other: int, theirs: dict[str, Any], where: str) -> str:
+    """How rank ``other``'s entry contradicts this rank's (``me``) topology, or ''."""
+    if theirs["launch"] != topo.launch_id:
+        return (
+            f"{me} is of {_launch_name(topo.launch_id, topo.launcher)} but rank {other} at "
+            f"{where} is of {_launch_name(theirs['launch'], theirs['launcher'])}: two "
+            f"launches met at one port. {_TWO_LAUNCHES_FIX}"
+        )
+    if theirs["world"] != topo.world_size:
+        return (
+            f"{me}'s {topo.launcher} environment says world size {topo.world_size}, rank "
+            f"{other}'s says {theirs['world']}; every rank must be started with the same "
+            "world size (WORLD_SIZE or the launcher's equivalent)"
+        )
+    return ""
 
 
 _groups_made = 0

@@ -106,10 +106,17 @@ def restore_rngs(state: dict[str, Any], cuda_device: int | None) -> None:
 
 
 def local_cuda_device(local_rank: int) -> int | None:
-    """The CUDA device index this rank owns, or None on a machine without CUDA."""
+    """The CUDA device index this rank owns, or None on a machine without CUDA.
+
+    One visible GPU is this process's whatever its local rank: ``srun --gpus-per-task=1`` (or
+    ``--gpu-bind``) shows each task its own GPU as device 0 while ``SLURM_LOCALID`` counts
+    0..n-1. With several visible, local rank k owns device k.
+    """
     if not torch.cuda.is_available():
         return None
     count = torch.cuda.device_count()
+    if count == 1:
+        return 0
     if local_rank >= count:
         raise TopologyError(
             f"local rank {local_rank} has no GPU: only {count} visible "
@@ -117,6 +124,14 @@ def local_cuda_device(local_rank: int) -> int | None:
             "start at most one process per visible GPU (--nproc_per_node / --gpus-per-task)"
         )
     return local_rank
+
+
+def cuda_device_or_error(local_rank: int, rank: int) -> tuple[int | None, str]:
+    """:func:`local_cuda_device`, or None and its error (for setup() to tell every rank)."""
+    try:
+        return local_cuda_device(local_rank), ""
+    except TopologyError as exc:
+        return None, f"rank {rank}: {exc}"
 
 
 def seed_cuda(seed: int, device: int) -> None:

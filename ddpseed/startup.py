@@ -35,7 +35,7 @@ from .files import atomic_write_json
 from .mesh import MeshSpec, spec_of, spec_of_shape
 from .plan import DEFAULT_TIMEOUT, SeedPlan
 from .rundir import MANIFEST_FILE, SEED_FILE, Found, RunDir, SeedRecord
-from .seeding import determinism_setting, enable_determinism, local_cuda_device, seed_process
+from .seeding import cuda_device_or_error, determinism_setting, enable_determinism, seed_process
 from .topology import Topology, detect
 
 if TYPE_CHECKING:
@@ -309,7 +309,7 @@ def setup(
         _check_seconds("pg_timeout", pg_timeout, topo.rank)
     deterministic, argument_error = determinism_setting(deterministic, topo.rank)
     flags = tuple(enable_determinism()) if deterministic else ()
-    cuda_device = local_cuda_device(topo.local_rank)
+    cuda_device, device_error = cuda_device_or_error(topo.local_rank, topo.rank)
     if cuda_device is not None:
         # Before any collective: on nccl the agreement's tensors go to the current device, and
         # without this every rank of a node would put them on cuda:0.
@@ -318,7 +318,14 @@ def setup(
         where, run_dir_error = rundir.resolve_run_dir(run_dir, topo), ""
     except RunDirError as exc:  # every rank hears of it in the agreement, none waits on it
         where, run_dir_error = None, str(exc)
-    group.ensure_process_group(topo, backend, timeout, pg_timeout=pg_timeout)
+    group.ensure_process_group(
+        topo,
+        backend,
+        timeout,
+        pg_timeout=pg_timeout,
+        cuda_device=cuda_device,
+        startup_error=device_error,
+    )
     proposal = dataclasses.replace(
         _explicit_proposal(seed),
         world_size=topo.world_size,
@@ -338,6 +345,7 @@ def setup(
         (mesh_error, ErrorKind.MESH),
         (run_dir_error, ErrorKind.RUN_DIR),
         (argument_error, ErrorKind.ARGUMENT),
+        (device_error, ErrorKind.DEVICE),  # the start-up check's, where the script made the group
     ):
         if error and proposal.error is None:
             proposal = dataclasses.replace(proposal, error=error, error_kind=kind)

@@ -13,10 +13,11 @@ One small class per launcher (:mod:`ddpseed.launchers`) maps its variables to a
 Precedence: a launcher started *inside* another sets its own variables on top of the outer
 one's, and its own describe the processes that actually run, so the innermost launcher wins:
 
-1. ``kubeflow``: a PyTorchJob pod's process when no torchrun runs in it (``PET_*`` without
-   ``TORCHELASTIC_RUN_ID``; the pod's ``RANK``/``WORLD_SIZE`` count pods);
+1. ``kubeflow``: a PyTorchJob pod's process when no launcher runs inside the pod (``PET_*``
+   without ``TORCHELASTIC_RUN_ID``, ``LOCAL_RANK`` or a ``RANK`` other than ``PET_NODE_RANK``;
+   the pod's ``RANK``/``WORLD_SIZE`` count pods);
 2. ``torchrun``: torchrun's workers (inside Slurm, mpirun, a pod, SageMaker) or any launch
-   that exports ``RANK``/``WORLD_SIZE``;
+   that exports ``RANK``/``WORLD_SIZE`` (DeepSpeed's launcher in a pod, too);
 3. the MPI launchers, which may run inside a Slurm, LSF or PBS allocation (Open MPI's mpirun
    starts its daemons with srun, so its ranks also see a Slurm step): ``lsf`` (jsrun, which
    also sets Open MPI's variables), ``openmpi``, ``mvapich``, ``flux``, ``pals`` (which also

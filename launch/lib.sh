@@ -90,12 +90,15 @@ ddpseed_check_port() {
     fi
 }
 
-# ddpseed_job_port ID: the rendezvous port of a launch with numeric id ID (a Slurm job id, a
-# process id): 10000 + ID % 20000, as ddpseed.launchers.job_port derives it in Python, so a
-# script and the library pick the same port and concurrent jobs on one node pick different ones.
+# ddpseed_job_port ID [STEP]: the rendezvous port of step STEP (default 0) of the launch with
+# numeric id ID (a Slurm job id and step id, a process id): 10000 + (ID + 7639 * STEP) % 20000,
+# as ddpseed.launchers.job_port derives it in Python, so a script and the library pick the same
+# port, and concurrent jobs on one node, or concurrent steps of one job, different ones.
 ddpseed_job_port() {
+    local step=${2:-0}
     is_uint "$1" || ddpseed_die "job id $1 is not a number"
-    echo $((10000 + 10#$1 % 20000))
+    is_uint "$step" || ddpseed_die "step id $step is not a number"
+    echo $((10000 + (10#$1 + 7639 * 10#$step) % 20000))
 }
 
 # ddpseed_valid_seed TEXT: prints TEXT as a seed and succeeds when ddpseed.validate_seed
@@ -175,18 +178,26 @@ ddpseed_run() {
     exec "$@"
 }
 
-# ddpseed_slurm_master: exports MASTER_ADDR (default: the NodeAddr of the allocation's first
-# node, the address Slurm itself reaches it at; rank 0 runs there under srun's block
-# distribution) and MASTER_PORT (default: derived from the job id, as ddpseed does). Sets
-# NODES to the allocation's node names.
-ddpseed_slurm_master() {
+# ddpseed_slurm_addr: sets NODES to the Slurm job's node names and exports MASTER_ADDR
+# (default: the NodeAddr of its first node, the address Slurm itself reaches it at, else its
+# name; rank 0 runs there under srun's block distribution and mpirun's default mapping).
+ddpseed_slurm_addr() {
     # Read the whole list (no `| head -n1`: with pipefail, head closing early can kill us).
     mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     if [[ -z ${MASTER_ADDR:-} ]]; then
-        MASTER_ADDR=$(scontrol show node "${NODES[0]}" -o | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+        ((${#NODES[@]})) || ddpseed_die "scontrol show hostnames $SLURM_JOB_NODELIST named" \
+            "no node; export MASTER_ADDR (the address of the job's first node)"
+        MASTER_ADDR=$(scontrol show node "${NODES[0]}" -o |
+            sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p') || MASTER_ADDR=
         MASTER_ADDR=${MASTER_ADDR:-${NODES[0]}}
     fi
     export MASTER_ADDR
+}
+
+# ddpseed_slurm_master: ddpseed_slurm_addr, and exports MASTER_PORT (default: derived from the
+# job id as ddpseed derives it for the job's first step, which the script's srun starts).
+ddpseed_slurm_master() {
+    ddpseed_slurm_addr
     export MASTER_PORT=${MASTER_PORT:-$(ddpseed_job_port "$SLURM_JOB_ID")}
     ddpseed_check_port MASTER_PORT "$MASTER_PORT"
     # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task; pass it on.

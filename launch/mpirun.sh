@@ -4,6 +4,7 @@
 #   launch/mpirun.sh --np 4 train.py --lr 0.1          # one node: nothing else to set
 #   launch/mpirun.sh --hosts node0:4,node1:4 train.py  # two nodes, four ranks each
 #   launch/mpirun.sh --hostfile hosts.txt --np 16 -m mypkg.train
+#   launch/mpirun.sh --np 16 -m mypkg.train            # inside sbatch/salloc: the job's nodes
 #   DDPSEED_SEED=1234 launch/mpirun.sh --np 2          # python3 -m ddpseed verify
 #
 # Usage: mpirun.sh [OPTIONS] [--] [COMMAND...]
@@ -19,9 +20,11 @@
 #   HOSTS        --hosts H:N,...    hosts and ranks per host; rank 0 runs on the first
 #   HOSTFILE     --hostfile FILE    an mpirun host file instead (rank 0 on its first host)
 #   MASTER_ADDR  --master-addr A    rank 0's address. On one node ddpseed uses loopback by
-#                                   itself; across nodes the default is the first host
-#   MASTER_PORT  --master-port P    across nodes, default 10000 + this script's pid % 20000;
-#                                   on one node ddpseed derives one from mpirun's job id
+#                                   itself; across nodes the default is the first host, in
+#                                   a Slurm job the NodeAddr of its first node
+#   MASTER_PORT  --master-port P    across nodes or in a Slurm job, default 10000 + this
+#                                   script's pid % 20000; on one node outside Slurm ddpseed
+#                                   derives one from mpirun's job id
 #   DDPSEED_SEED --seed N           base seed handed to ddpseed on every rank (optional)
 #   PYTHONHASHSEED                  str/bytes hash seed of every rank (default 0)
 #   PYTHON                          interpreter for train.py / -m (default python3)
@@ -77,10 +80,17 @@ elif [[ -n $HOSTFILE ]]; then
     first_host=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF { print $1; exit }')
     [[ -n $first_host ]] || ddpseed_die "HOSTFILE=$HOSTFILE names no host"
 fi
+# Inside a Slurm job without --hosts/--hostfile: mpirun puts rank 0 on the job's first node.
+# Every rank is told so here: Open MPI starts its remote daemons in an srun step of the other
+# nodes, so its ranks there see another Slurm nodelist than rank 0 does.
+if [[ -z $first_host$MASTER_ADDR && -n ${SLURM_JOB_ID:-} && -n ${SLURM_JOB_NODELIST:-} ]]; then
+    ddpseed_slurm_addr
+    first_host=${NODES[0]}
+fi
 NP=${NP:-$(ddpseed_gpu_count)}
 ddpseed_positive NP "$NP"
 
-# --- rendezvous: only across nodes (one node: ddpseed uses loopback and mpirun's job id) -------
+# --- rendezvous: across nodes or in a Slurm job (else ddpseed uses loopback and mpirun's job id)
 if [[ -n $first_host ]]; then
     MASTER_ADDR=${MASTER_ADDR:-$first_host}
     # This script's pid names the launch: concurrent launches from one host differ.

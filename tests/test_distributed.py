@@ -14,7 +14,9 @@ from torch.utils.data import DistributedSampler
 
 import ddpseed
 from helpers.procs import clean_env, free_port, processes_carrying
-from helpers.ranks import parse_verify, torchrun
+from helpers.ranks import parse_verify, run_ranks, torchrun
+
+STEP_RANK = Path(__file__).parent / "helpers" / "step_rank.py"
 
 
 def verify(nproc: int, *extra: str, env: dict[str, str] | None = None) -> list[dict]:  # type: ignore[type-arg]
@@ -210,6 +212,33 @@ def test_setup_again_after_destroying_the_group_meets_under_fresh_store_keys(
     proc = torchrun([str(script)], nproc=2, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert all(f"run {run} rank {r} sum 3" in proc.stdout for run in range(4) for r in (0, 1))
+
+
+def test_an_inner_launcher_in_kubeflow_pods_gives_every_worker_its_own_rank(
+    tmp_path: Path,
+) -> None:
+    """Two PyTorchJob pods (nprocPerNode 1), each running a per-GPU launcher other than
+    torchrun (DeepSpeed's) that exports RANK/LOCAL_RANK/WORLD_SIZE for two workers, without
+    TORCHELASTIC_RUN_ID. Before: the pod's PET_* variables won, both workers of a pod were
+    kubeflow rank <pod> of 2, and the job never formed; now the innermost launcher wins."""
+    workers = {
+        rank: {
+            "PET_NODE_RANK": str(rank // 2),
+            "LOCAL_RANK": str(rank % 2),
+            "LOCAL_WORLD_SIZE": "2",
+            "TAG": f"pod{rank // 2}/worker{rank % 2}",
+        }
+        for rank in range(4)
+    }
+    pod = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_MASTER_ADDR": "127.0.0.1",
+           "TIMEOUT": "20", "XDG_CACHE_HOME": str(tmp_path)}  # fmt: skip
+    results = run_ranks(STEP_RANK, 4, timeout=150, env=pod, per_rank_env=workers)
+    tags = [workers[rank]["TAG"] for rank in range(4)]
+    for r in results:
+        assert r.returncode == 0, r.stderr[-4000:]
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith("STEP_RANK "))
+        report = json.loads(line[len("STEP_RANK ") :])
+        assert (report["rank"], report["world_size"], report["group"]) == (r.rank, 4, tags)
 
 
 def test_demo_ends_with_identical_weights() -> None:

@@ -92,8 +92,48 @@ def test_launch_scripts_accept_exactly_the_seeds_the_library_accepts(text: str) 
 
 
 @pytest.mark.parametrize("job", ["0", "17", "19999", "20000", "1143930881", "9000000000123"])
-def test_launch_scripts_derive_the_library_port(job: str) -> None:
-    assert _lib("ddpseed_job_port", job) == str(job_port(job))
+@pytest.mark.parametrize("step", [None, "0", "1", "2", "17", "4294967293"])
+def test_launch_scripts_derive_the_library_port(job: str, step: str | None) -> None:
+    """Job and step: two srun steps of one job at once get two ports in both languages."""
+    args = (job,) if step is None else (job, step)
+    assert _lib("ddpseed_job_port", *args) == str(job_port(*args))
+
+
+def test_mpirun_script_inside_a_slurm_job_exports_the_first_node(
+    openmpi_installed: str, tmp_path: Path
+) -> None:
+    """Before: inside a 2-node sbatch without --hosts it exported nothing ("MASTER_ADDR=
+    <loopback>"), and Open MPI's ranks on other nodes, started in an srun step of those nodes,
+    took another host for rank 0. Now the job's first node (its NodeAddr) is every rank's."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    scontrol = fake / "scontrol"  # what `scontrol show hostnames|node` prints in a real job
+    scontrol.write_text(
+        "#!/bin/sh\n"
+        'case "$1 $2" in\n'
+        '  "show hostnames") echo node1; echo node2 ;;\n'
+        '  "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.1.0.7 NodeHostName=$3" ;;\n'
+        "esac\n"
+    )
+    scontrol.chmod(0o755)
+    env = clean_env(
+        {
+            "PATH": f"{fake}:{clean_env()['PATH']}",
+            "MPIRUN": openmpi_installed,
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "node[1-2]",
+        }
+    )
+    done = subprocess.run(
+        [str(REPO / "launch" / "mpirun.sh"), "--dry-run", "--np", "4", "train.py"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "-x MASTER_ADDR -x MASTER_PORT python3 train.py" in done.stdout, done.stdout
+    assert "from node1, MASTER_ADDR=10.1.0.7 MASTER_PORT=" in done.stderr, done.stderr
 
 
 SCRIPTS_WITH_SEEDS = [

@@ -95,23 +95,31 @@ def test_a_world_of_one_inside_an_outer_launch_of_several_is_warned_about(
     assert caplog.text == ""
 
 
-def test_mpirun_inside_slurm_is_openmpi_with_rank0_on_the_first_node() -> None:
-    """mpirun starts its daemons with srun, so ranks also see the daemon step's SLURM_*
-    (SLURM_PROCID = the node): Open MPI's variables win, the nodelist names rank 0's host."""
-    env = {
-        **SRUN_TASK5,
-        "SLURM_PROCID": "1",
-        "SLURM_STEP_NUM_TASKS": "2",
-        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
-        "OMPI_COMM_WORLD_RANK": "6",
-        "OMPI_COMM_WORLD_SIZE": "8",
-        "OMPI_COMM_WORLD_LOCAL_RANK": "2",
-        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
-        "OMPI_MCA_ess_base_jobid": "77",
-        "OMPI_MCA_orte_num_nodes": "2",
-    }
-    assert summary(env) == ("openmpi", 6, 2, 8, 4, 1, 2, "gpu07", job_port("77"))
-    assert [o.name for o in outranked(env)] == ["slurm"]
+def test_mpirun_inside_sbatch_gives_every_rank_the_first_node_of_the_job() -> None:
+    """Open MPI's mpirun inside a 2-node sbatch: rank 0 runs beside mpirun, in the batch
+    script's environment; mpirun starts its daemon on the other node with `srun --nodes=1
+    --nodelist=gpu08` (plm_slurm), so ranks there see a Slurm step of gpu08 alone. Before,
+    those ranks took gpu08 (their step's nodelist) as rank 0's host while rank 0 took gpu07.
+    Open MPI's variables win; every rank reads the job's nodelist."""
+    batch = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]",
+             "SLURM_NODELIST": "gpu[07-08]", "SLURM_PROCID": "0", "SLURM_NTASKS": "8",
+             "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "0"}  # fmt: skip
+    daemon_step = {**batch, "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu08",
+                   "SLURM_NODELIST": "gpu08", "SLURM_STEP_NUM_NODES": "1",
+                   "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1",
+                   "SLURM_NTASKS": "1", "SLURM_NNODES": "1", "SLURM_LOCALID": "0"}  # fmt: skip
+
+    def ompi(rank: int) -> dict[str, str]:
+        return {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "8",
+                "OMPI_COMM_WORLD_LOCAL_RANK": str(rank % 4), "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+                "OMPI_MCA_ess_base_jobid": "77", "OMPI_MCA_orte_num_nodes": "2"}  # fmt: skip
+
+    assert summary({**batch, **ompi(0)}) == ("openmpi", 0, 0, 8, 4, 0, 2, "gpu07", job_port("77"))
+    remote = {**daemon_step, **ompi(6)}
+    assert summary(remote) == ("openmpi", 6, 2, 8, 4, 1, 2, "gpu07", job_port("77"))
+    assert [o.name for o in outranked(remote)] == ["slurm"]
+    # one launch for the start-up check, though the ranks see two Slurm steps
+    assert detect(remote).launch_id == detect({**batch, **ompi(0)}).launch_id == "openmpi-77"
 
 
 def test_hydra_one_node_port_comes_from_its_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,6 +128,17 @@ def test_hydra_one_node_port_comes_from_its_proxy(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(mpi_launchers, "ancestor_pid", lambda names: None)
     with pytest.raises(TopologyError, match="no job id to derive a rendezvous port"):
         detect(HYDRA_RANK1)
+
+
+def test_srun_steps_of_one_job_get_ports_and_launch_ids_of_their_own() -> None:
+    """Before: every step of a job derived 10000 + job % 20000, so two steps running at once on
+    one node (`srun --exact -n2 ... &` twice) met there. Step 0 keeps the job's port (the one
+    launch/slurm_srun.sbatch exports)."""
+    steps = [detect({**SRUN_TASK5, "SLURM_STEP_ID": str(s)}) for s in range(3)]
+    assert len({t.master_port for t in steps}) == 3
+    assert [t.master_port for t in steps] == [job_port("4242", str(s)) for s in range(3)]
+    assert steps[0].master_port == 10000 + 4242 % 20000
+    assert [t.launch_id for t in steps] == ["slurm-4242.0", "slurm-4242.1", "slurm-4242.2"]
 
 
 def test_srun_mpi_pmi2_and_pmix_tasks_are_slurm_tasks() -> None:
@@ -168,6 +187,19 @@ def test_jsrun_takes_rank0_host_after_the_launch_node() -> None:
            "OMPI_COMM_WORLD_RANK": "7", "OMPI_COMM_WORLD_SIZE": "12",
            "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "6"}  # fmt: skip
     assert summary(env) == ("lsf", 7, 1, 12, 6, 1, 2, "a01n05", job_port("90210"))
+
+
+def test_two_jsruns_of_one_lsf_job_get_ports_of_their_own() -> None:
+    """jsrun, a PMIx server, gives each launch its namespace (PMIX_NAMESPACE). Before: the port
+    came from LSB_JOBID alone, so two jsruns of one job at once met at one port."""
+    env = {"JSM_NAMESPACE_RANK": "0", "JSM_NAMESPACE_SIZE": "2",
+           "JSM_NAMESPACE_LOCAL_RANK": "0", "JSM_NAMESPACE_LOCAL_SIZE": "2",
+           "LSB_JOBID": "90210"}  # fmt: skip
+    first, second = (detect({**env, "PMIX_NAMESPACE": f"90210.{n}"}) for n in (1, 2))
+    assert first.master_port != second.master_port
+    assert first.master_port == job_port("90210", "90210.1")
+    assert (first.launch_id, second.launch_id) == ("lsf-90210.90210.1", "lsf-90210.90210.2")
+    assert detect(env).master_port == job_port("90210")  # no namespace: the job's port
 
 
 def test_openmpi_inside_lsf_without_jsrun_uses_the_first_host() -> None:
@@ -229,6 +261,37 @@ def test_kubeflow_pod_asking_for_several_processes_needs_torchrun() -> None:
         detect(env)
 
 
+def test_kubeflow_default_nproc_auto_pod_is_one_rank_per_pod() -> None:
+    """training-operator 1.9 defaults nprocPerNode to "auto" (PET_NPROC_PER_NODE=auto) and
+    counts it as 1 in WORLD_SIZE (pkg/controller.v1/pytorch/envvar.go): a plain `python
+    train.py` PyTorchJob. Before: refused as asking for torchrun."""
+    for nproc in ("auto", "gpu", "cpu"):
+        env = {**KUBEFLOW_POD, "PET_NPROC_PER_NODE": nproc}
+        assert summary(env) == ("kubeflow", 2, 0, 3, 1, 2, 3, "job-master-0", 23456)
+    # a WORLD_SIZE counting more processes than pods still needs torchrun
+    with pytest.raises(TopologyError, match=r"PET_NPROC_PER_NODE=auto .*\(WORLD_SIZE=12\)"):
+        detect({**KUBEFLOW_POD, "PET_NPROC_PER_NODE": "auto", "WORLD_SIZE": "12"})
+
+
+def test_an_inner_launcher_in_a_kubeflow_pod_wins() -> None:
+    """A pod (nprocPerNode 1) whose command is a per-GPU launcher other than torchrun
+    (DeepSpeed's) exporting RANK/LOCAL_RANK/WORLD_SIZE for its workers, without
+    TORCHELASTIC_RUN_ID. The operator never sets LOCAL_RANK and sets RANK = PET_NODE_RANK.
+    Before: every worker of pod 1 became kubeflow rank 1 of 3 (same seeds, same shard)."""
+    inner = {"PET_NODE_RANK": "1", "WORLD_SIZE": "12", "MASTER_PORT": "29500"}
+    workers = [
+        {**KUBEFLOW_POD, **inner, "RANK": str(4 + local), "LOCAL_RANK": str(local)}
+        for local in range(4)
+    ]
+    assert [summary(w)[:5] for w in workers] == [
+        ("torchrun", 4 + local, local, 12, 12) for local in range(4)
+    ]
+    assert [o.name for o in outranked(workers[1])] == []  # kubeflow steps aside entirely
+    # RANK rewritten without LOCAL_RANK (an mp.spawn wrapper) is the inner launcher's too
+    assert detect({**KUBEFLOW_POD, "RANK": "7", "WORLD_SIZE": "12"}).launcher == "torchrun"
+    assert detect(KUBEFLOW_POD).launcher == "kubeflow"  # RANK == PET_NODE_RANK: the pod's own
+
+
 def test_torchrun_inside_a_kubeflow_pod_is_torchrun() -> None:
     worker = {**KUBEFLOW_POD, "TORCHELASTIC_RUN_ID": "none", "RANK": "9", "WORLD_SIZE": "12",
               "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "2",
@@ -286,7 +349,8 @@ class Recorder(Mapping[str, str]):
 
 @pytest.mark.parametrize(
     "env",
-    [OMPI_RANK1, HYDRA_RANK1, SRUN_TASK5, KUBEFLOW_POD, SAGEMAKER, {}, {"RANK": "0",
+    [OMPI_RANK1, HYDRA_RANK1, SRUN_TASK5, KUBEFLOW_POD, {**KUBEFLOW_POD, "LOCAL_RANK": "0"},
+     SAGEMAKER, {}, {"RANK": "0",
      "WORLD_SIZE": "1"}, {**OMPI_RANK1, "OMPI_COMM_WORLD_SIZE": "4", "LSB_JOBID": "1",
      "LSB_MCPU_HOSTS": "a 2 b 2"}],
 )  # fmt: skip

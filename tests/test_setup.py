@@ -104,6 +104,34 @@ def test_cuda_seeding_touches_only_the_local_device_mocked_no_gpu(
         seeding.local_cuda_device(5)
 
 
+def test_mock_gpu_group_the_script_made_keeps_the_device_the_script_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The DDP tutorial's multi-node mp.spawn, 2 processes per node on 8-GPU nodes: node 1's
+    first process is rank 2 of 4 and already called set_device(0). Before: ddpseed took
+    rank % min(world, GPUs) = cuda:2 and seeded (and ran its collectives on) another GPU."""
+    import torch.distributed as dist
+
+    from ddpseed import group
+    from ddpseed.topology import detect
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    topo = group.from_existing_group(detect({}))
+    assert (topo.launcher, topo.rank, topo.world_size, topo.local_rank) == ("group", 2, 4, 0)
+    assert seeding.local_cuda_device(topo.local_rank) == 0
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)  # any device it chose
+    assert group.from_existing_group(detect({})).local_rank == 5
+    # CUDA not started by the script: the tutorial's placement, rank modulo the node's GPUs
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert group.from_existing_group(detect({})).local_rank == 2
+
+
 def test_deterministic_mode_sets_and_lists_every_flag(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

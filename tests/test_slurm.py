@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpseed.launchers import SlurmEnvironment
+from ddpseed.launchers import SlurmEnvironment, job_port
 from helpers.procs import REPO, ProcessGroup, clean_env, free_port, stop_pids
 from helpers.ranks import parse_verify
 
@@ -377,3 +377,25 @@ def test_master_port_derived_from_job_id(slurm, monkeypatch):
         assert port == library.master_port == 10000 + job.job_id % 20000
         assert "MASTER_ADDR=127.0.0.1" in job.output
         assert "ddpseed dry run: srun" in job.output
+
+
+def test_two_concurrent_srun_steps_on_one_node_form_groups_of_their_own(slurm):
+    """A sweep in one allocation: two `srun --exact -n2 ... &` steps on one node at once, with
+    MASTER_PORT unset. Before: both derived the job's port and met there (one task of each
+    formed a 2-rank group, or the steps failed); now each step gets its own port."""
+    job = slurm.submit(
+        HELPERS / "slurm_two_steps.sbatch",
+        [sys.executable, str(HELPERS / "step_rank.py")],
+        ["--nodes=1", "--ntasks=4"],
+        TIMEOUT="30",
+    )
+    assert job.state == "COMPLETED" and job.exit_code == "0:0", job.output[-6000:]
+    reports = [json.loads(ln[len("STEP_RANK ") :]) for ln in job.output.splitlines()
+               if ln.startswith("STEP_RANK ")]  # fmt: skip
+    assert len(reports) == 4, job.output[-6000:]
+    steps = {r["launch_id"] for r in reports}
+    assert len(steps) == 2, reports
+    for r in reports:
+        assert r["group"] in (["step-a", "step-a"], ["step-b", "step-b"]), reports
+        step = r["launch_id"].rsplit(".", 1)[1]
+        assert r["master_port"] == job_port(str(job.job_id), step), r

@@ -50,6 +50,10 @@ class Topology:
     # id>]" (after the Slurm step, if any), which ddpseed.rundir completes with a key kept in
     # torchrun's agent store (one per launch).
     run_id: str | None = None
+    # Names the launch the same way on every one of its ranks, where the launcher gives such a
+    # name (Slurm: job and step; Open MPI, LSF, PALS, Flux: their job ids): ranks compare it
+    # when ddpseed makes the group, so processes of two launches meeting at one port stop.
+    launch_id: str | None = None
 
     def __post_init__(self) -> None:
         where = f"{self.launcher} environment"
@@ -110,14 +114,27 @@ def numeric_id(job_id: str) -> bool:
     return job_id.isascii() and job_id.isdigit()
 
 
-def job_port(job_id: str) -> int:
-    """The rendezvous port of a launch: ``10000 + id % 20000`` (a numeric id, as for Slurm),
-    else derived from the id's CRC-32, so every rank of one launch computes the same port.
+# Steps of one job are STEP_STRIDE apart in the port rule: step 0 keeps the job's own port, and
+# the first 16 steps of a job land at least 693 ports away from the other jobs' step 0.
+STEP_STRIDE = 7639
 
-    >>> job_port("17"), job_port("1143930881"), job_port("fABC") == job_port("fABC")
-    (10017, 20881, True)
+
+def job_port(job_id: str, step: str | None = None) -> int:
+    """The rendezvous port of a launch: step ``step`` (None: the job's only one) of job
+    ``job_id``. Numeric ids: ``10000 + (job + 7639 * step) % 20000``, so step 0 gets the job's
+    port and concurrent steps of one job (a Slurm sweep of ``srun ... &``) different ones;
+    else derived from the CRC-32 of ``job.step``. Every rank of one launch computes the same
+    port; launch/lib.sh's ``ddpseed_job_port`` applies the numeric rule.
+
+    >>> job_port("17"), job_port("17", "0"), job_port("17", "1"), job_port("1143930881")
+    (10017, 10017, 17656, 20881)
+    >>> job_port("fABC") == job_port("fABC") != job_port("fABC", "1")
+    True
     """
-    key = int(job_id) if numeric_id(job_id) else zlib.crc32(job_id.encode())
+    if numeric_id(job_id) and (step is None or numeric_id(step)):
+        key = int(job_id) + STEP_STRIDE * int(step or 0)
+    else:
+        key = zlib.crc32((job_id if step is None else f"{job_id}.{step}").encode())
     return 10000 + key % 20000
 
 
@@ -151,10 +168,17 @@ class LauncherEnvironment:
         return ", ".join(found) or "no launcher variables are set"
 
     def rendezvous(
-        self, rank: int, world: int, local_world: int, hosts: Sequence[str], job: str | None
+        self,
+        rank: int,
+        world: int,
+        local_world: int,
+        hosts: Sequence[str],
+        job: str | None,
+        step: str | None = None,
     ) -> tuple[str, int]:
         """``(MASTER_ADDR, MASTER_PORT)``: exported, else loopback when every rank is local,
-        else ``hosts[0]``; the port from ``job``. Raises the same error on every rank."""
+        else ``hosts[0]``; the port from ``job`` (and its ``step``, :func:`job_port`). Raises
+        the same error on every rank."""
         env = self.env
         addr = env.get("MASTER_ADDR") or (
             LOOPBACK if local_world == world else (hosts[0] if hosts else "")
@@ -176,7 +200,7 @@ class LauncherEnvironment:
                 f"rank {rank}: {self.name} gives this launch no job id to derive a rendezvous "
                 f"port from; {fix}"
             )
-        return addr, job_port(job)
+        return addr, job_port(job, step)
 
 
 def safe_name(text: str) -> str:

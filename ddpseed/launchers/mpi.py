@@ -17,7 +17,7 @@ from .base import (
     first_set,
     int_var,
 )
-from .slurm import NODELIST_VARIABLES, slurm_job_id, slurm_run_id, started_by_srun
+from .slurm import slurm_job_id, slurm_run_id, started_by_srun
 
 
 def hostfile_hosts(env: Mapping[str, str], var: str) -> list[str]:
@@ -46,9 +46,16 @@ def lsf_hosts(env: Mapping[str, str]) -> list[str]:
     return list(dict.fromkeys(words))
 
 
+# The job's nodes first: Open MPI's mpirun inside sbatch starts its remote daemons with `srun
+# --nodelist=<the other nodes>`, so ranks there see a step nodelist without mpirun's own node
+# (where rank 0 runs), while rank 0 sees the batch script's environment.
+MPI_NODELIST_VARIABLES = ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST")
+
+
 def allocation_hosts(env: Mapping[str, str]) -> list[str]:
-    """The hosts of the batch allocation an MPI launcher runs in (Slurm, LSF, PBS), else []."""
-    var = first_set(env, NODELIST_VARIABLES)
+    """The hosts of the batch allocation an MPI launcher runs in (Slurm, LSF, PBS), else []:
+    the same list on every rank, wherever its daemon was started."""
+    var = first_set(env, MPI_NODELIST_VARIABLES)
     if var and slurm_job_id(env):
         return expand_hostlist(env[var], var=var)
     if "LSB_JOBID" in env:
@@ -96,7 +103,12 @@ class MpiEnvironment(LauncherEnvironment):
         return f"{self.rank_var}={self.env[self.rank_var]} is set"
 
     def job(self, local_world: int, world: int) -> str | None:
+        """The launch's own job id, the same on every rank (None where it names none)."""
         raise NotImplementedError
+
+    def step(self) -> str | None:
+        """What tells apart launches of one job (LSF: jsrun's PMIx namespace), else None."""
+        return None
 
     def num_nodes(self, world: int, local_world: int, hosts: Sequence[str]) -> int:
         return -(-world // local_world)
@@ -120,8 +132,13 @@ class MpiEnvironment(LauncherEnvironment):
         local_world = int_var(env, local_size_var, 1) if local_size_var else 1
         hosts = [] if local_world == world else self.hosts()
         num_nodes = max(self.num_nodes(world, local_world, hosts), 1)
-        job = self.job(local_world, world) or allocation_job(env)
-        addr, port = self.rendezvous(rank, world, local_world, hosts, job)
+        own, step = self.job(local_world, world), self.step()
+        addr, port = self.rendezvous(
+            rank, world, local_world, hosts, own or allocation_job(env), step if own else None
+        )
+        # Only the launcher's own id names the launch alike on every rank: the Slurm step a
+        # rank sees differs between mpirun's node and the nodes of its daemons.
+        launch = f"{self.name}-{own}{f'.{step}' if step else ''}" if own else None
         return Topology(
             launcher=self.name,
             rank=rank,
@@ -133,6 +150,7 @@ class MpiEnvironment(LauncherEnvironment):
             master_addr=addr,
             master_port=port,
             run_id=slurm_run_id(env),
+            launch_id=launch,
         )
 
     def node_rank(self, rank: int, local_world: int, num_nodes: int) -> int:

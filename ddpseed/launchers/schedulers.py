@@ -18,7 +18,9 @@ class JsrunEnvironment(MpiEnvironment):
     Hosts come from ``LSB_MCPU_HOSTS``/``LSB_HOSTS``
     (https://www.ibm.com/docs/en/spectrum-lsf/10.1.0?topic=variables-environment-set-job-execution);
     their first entry is the launch node, which runs no task when more follow, so rank 0 is on
-    the second. The port comes from ``LSB_JOBID``.
+    the second. The port comes from ``LSB_JOBID`` and the launch's PMIx namespace
+    (``PMIX_NAMESPACE``, which jsrun as a PMIx server gives each launch: two jsruns of one job
+    running at once get two ports; https://openpmix.github.io/support/faq/rm-provided-information).
     """
 
     name = "lsf"
@@ -26,7 +28,10 @@ class JsrunEnvironment(MpiEnvironment):
     size_var = "JSM_NAMESPACE_SIZE"
     local_rank_vars = ("JSM_NAMESPACE_LOCAL_RANK",)
     local_size_vars = ("JSM_NAMESPACE_LOCAL_SIZE",)
-    also_reads = ("LSB_JOBID", "LSB_MCPU_HOSTS", "LSB_HOSTS", "MASTER_ADDR", "MASTER_PORT")
+    also_reads = (
+        *("LSB_JOBID", "PMIX_NAMESPACE", "LSB_MCPU_HOSTS", "LSB_HOSTS", "MASTER_ADDR"),
+        "MASTER_PORT",
+    )
 
     def hosts(self) -> list[str]:
         hosts = lsf_hosts(self.env)
@@ -37,6 +42,9 @@ class JsrunEnvironment(MpiEnvironment):
 
     def job(self, local_world: int, world: int) -> str | None:
         return self.env.get("LSB_JOBID")
+
+    def step(self) -> str | None:
+        return self.env.get("PMIX_NAMESPACE") or None
 
 
 class PalsEnvironment(MpiEnvironment):
@@ -98,7 +106,8 @@ class FluxEnvironment(LauncherEnvironment):
         nodes = int_var(env, "FLUX_JOB_NNODES", 1)
         local_rank = int_var(env, "FLUX_TASK_LOCAL_ID", 0)
         local_world = world if nodes == 1 else max(-(-world // nodes), local_rank + 1)
-        addr, port = self.rendezvous(rank, world, local_world, [], env.get("FLUX_JOB_ID"))
+        job = env.get("FLUX_JOB_ID")
+        addr, port = self.rendezvous(rank, world, local_world, [], job)
         return Topology(
             launcher="flux",
             rank=rank,
@@ -109,4 +118,5 @@ class FluxEnvironment(LauncherEnvironment):
             num_nodes=nodes,
             master_addr=addr,
             master_port=port,
+            launch_id=f"flux-{job}" if job else None,
         )

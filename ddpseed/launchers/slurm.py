@@ -120,7 +120,10 @@ class SlurmEnvironment(LauncherEnvironment):
             local_world = per_node[node_rank]
         else:
             local_world = world
-        default_port = job_port(job_id) if numeric_id(job_id) else DEFAULT_PORT
+        # Job and step: two srun steps of one job running at once on one node (a sweep of
+        # `srun ... &`) must not meet at one port.
+        step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+        default_port = job_port(job_id, step) if numeric_id(job_id) else DEFAULT_PORT
         return Topology(
             launcher="slurm",
             rank=rank,
@@ -134,4 +137,5 @@ class SlurmEnvironment(LauncherEnvironment):
             master_addr=env.get("MASTER_ADDR") or hosts[0],
             master_port=int_var(env, "MASTER_PORT", default_port),
             run_id=slurm_run_id(env),
+            launch_id=slurm_run_id(env),
         )

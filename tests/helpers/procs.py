@@ -207,15 +207,22 @@ class ProcessGroup:
         self.procs: list[Proc] = []
 
     def start(
-        self, name: str, cmd: Sequence[str], env: Mapping[str, str], cwd: Path = REPO
+        self,
+        name: str,
+        cmd: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path = REPO,
+        *,
+        stdin_pipe: bool = False,
     ) -> Proc:
+        """Start ``cmd``; ``stdin_pipe`` gives it a stdin the test writes or closes."""
         log = self.logdir / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 list(cmd),
                 env=dict(env),
                 cwd=cwd,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -224,15 +231,38 @@ class ProcessGroup:
         self.procs.append(proc)
         return proc
 
-    def wait_all(self, timeout: float) -> dict[str, tuple[int, str]]:
+    def wait_for_output(self, proc: Proc, text: str, timeout: float) -> str:
+        """``proc``'s output once it holds ``text``; fails (after killing all) at the deadline
+        or when ``proc`` exits without it."""
+        deadline = time.monotonic() + timeout
+        while text not in (output := proc.output()):
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                self.kill_all()
+                pytest.fail(f"{proc.name} never printed {text!r}:\n" + self.dump())
+            time.sleep(0.05)  # poll interval
+        return output
+
+    def wait_exit(self, proc: Proc, timeout: float) -> tuple[int, str]:
+        """``proc``'s exit status and output; fails (after killing all) at the deadline."""
+        try:
+            code = proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            pytest.fail(f"{proc.name} still running after {timeout:g}s:\n" + self.dump())
+        return code, proc.output()
+
+    def wait_all(
+        self, timeout: float, *, stop_at_failure: bool = True
+    ) -> dict[str, tuple[int, str]]:
         """Exit status and output of every process; fails (after killing all) at the deadline.
 
         The first non-zero exit kills the rest: a failed node leaves the others waiting for it
-        in rendezvous until their own, much longer, timeouts.
+        in rendezvous until their own, much longer, timeouts. ``stop_at_failure=False`` waits
+        for every process (a test of how each one fails).
         """
         deadline = time.monotonic() + timeout
         while any(p.popen.poll() is None for p in self.procs):
-            if any(p.popen.returncode not in (None, 0) for p in self.procs):
+            if stop_at_failure and any(p.popen.returncode not in (None, 0) for p in self.procs):
                 break
             if time.monotonic() > deadline:
                 running = [p.name for p in self.procs if p.popen.poll() is None]
@@ -246,4 +276,7 @@ class ProcessGroup:
         return "\n".join(f"--- {p.name} ---\n{p.output()[-tail:]}" for p in self.procs)
 
     def kill_all(self, grace: float = 5.0) -> None:
+        for proc in self.procs:
+            if proc.popen.stdin is not None:
+                proc.popen.stdin.close()
         kill_tree([p.popen for p in self.procs], grace)
