@@ -76,27 +76,39 @@ def positions(results: list[RankResult]) -> list[tuple[int, int]]:
 
 
 # -- agreement ------------------------------------------------------------------------------
+_SAMPLER_ARGUMENTS = [  # plan.sampler() used to compare only the dataset length: ranks with
+    # different shuffle, drop_last or sampler class dealt overlapping shards (9 of 64 items
+    # twice, 8 never)
+    ("sampler", "SHUFFLE", ("1", "0"), "shuffle: 1 on ranks 0; 0 on ranks 1"),
+    ("sampler", "DROP_LAST", ("0", "1"), "drop_last: 0 on ranks 0; 1 on ranks 1"),
+    ("sampler", "SCALABLE", ("0", "1"), "sample order: 0 on ranks 0; 2 on ranks 1"),
+]
+
+
 @pytest.mark.parametrize(
-    ("setting", "values", "fragment"),
+    ("action", "setting", "values", "fragment"),
     [
-        ("DATA_LEN", ("100", "90"), "dataset length: 100 on ranks 0; 90 on ranks 1"),
-        ("BATCH", ("4", "8"), "batch size: 4 on ranks 0; 8 on ranks 1"),
-        ("DROP_LAST", ("0", "1"), "drop_last: 0 on ranks 0; 1 on ranks 1"),
-        ("SHUFFLE", ("1", "0"), "shuffle: 1 on ranks 0; 0 on ranks 1"),
-        ("WORKERS", ("4", "2"), "num_workers: 4 on ranks 0; 2 on ranks 1"),
+        ("loader", "DATA_LEN", ("100", "90"), "dataset length: 100 on ranks 0; 90 on ranks 1"),
+        ("loader", "BATCH", ("4", "8"), "batch size: 4 on ranks 0; 8 on ranks 1"),
+        ("loader", "DROP_LAST", ("0", "1"), "drop_last: 0 on ranks 0; 1 on ranks 1"),
+        ("loader", "SHUFFLE", ("1", "0"), "shuffle: 1 on ranks 0; 0 on ranks 1"),
+        ("loader", "WORKERS", ("4", "2"), "num_workers: 4 on ranks 0; 2 on ranks 1"),
         (
+            "loader",
             "RANDOMNESS",
             ("batch", "sample"),
             "randomness (0 'batch', 1 'sample'): 0 on ranks 0; 1 on ranks 1",
         ),
+        *_SAMPLER_ARGUMENTS,
     ],
 )
-def test_loader_arguments_that_differ_between_ranks_stop_every_rank(
-    setting: str, values: tuple[str, str], fragment: str
+def test_loader_and_sampler_arguments_that_differ_between_ranks_stop_every_rank(
+    action: str, setting: str, values: tuple[str, str], fragment: str
 ) -> None:
     per_rank = {r: {setting: v} for r, v in enumerate(values)}
-    results = run_case(2, "loader", per_rank=per_rank)
-    assert_all_failed(results, "AgreementError", "ranks disagree on plan.dataloader", fragment)
+    results = run_case(2, action, per_rank=per_rank)
+    call = "plan.dataloader" if action == "loader" else "plan.sampler()"
+    assert_all_failed(results, "AgreementError", f"ranks disagree on {call}", fragment)
 
 
 def test_epochs_that_differ_between_ranks_stop_every_rank_at_iter() -> None:
@@ -127,24 +139,6 @@ def test_a_loader_of_one_rank_alone_needs_distributed_false_and_says_so() -> Non
     messages = assert_all_failed(results, "CoordinationError", dead=(1,))
     assert "rank 1 never reached it" in messages[0]
     assert "distributed=False" in messages[0]
-
-
-@pytest.mark.parametrize(
-    ("setting", "values", "fragment"),
-    [
-        ("SHUFFLE", ("1", "0"), "shuffle: 1 on ranks 0; 0 on ranks 1"),
-        ("DROP_LAST", ("0", "1"), "drop_last: 0 on ranks 0; 1 on ranks 1"),
-        ("SCALABLE", ("0", "1"), "sample order: 0 on ranks 0; 2 on ranks 1"),
-    ],
-)
-def test_sampler_arguments_that_differ_between_ranks_stop_every_rank(
-    setting: str, values: tuple[str, str], fragment: str
-) -> None:
-    """plan.sampler() used to compare only the dataset length: ranks with different shuffle,
-    drop_last or sampler class dealt overlapping shards (9 of 64 items twice, 8 never)."""
-    per_rank = {r: {setting: v} for r, v in enumerate(values)}
-    results = run_case(2, "sampler", per_rank=per_rank)
-    assert_all_failed(results, "AgreementError", "ranks disagree on plan.sampler()", fragment)
 
 
 def test_loaders_made_under_different_names_show_every_rank_each_call() -> None:
@@ -274,12 +268,14 @@ def test_a_file_of_another_save_with_the_same_number_is_refused_on_every_rank(
     assert not any("POS" in r.stdout for r in results)
 
 
+@pytest.mark.parametrize("mesh", ["", "dp=1,tp=2"])
 def test_a_save_with_ranks_at_different_positions_is_refused_and_keeps_the_last_checkpoint(
-    tmp_path: Path,
+    tmp_path: Path, mesh: str
 ) -> None:
     """Rank 1 takes one extra batch before save 2: the save used to be accepted and delete
-    save 1, leaving no checkpoint that loads."""
-    env = {"STATE": str(tmp_path / "rng.pt")}
+    save 1, leaving no checkpoint that loads. Under a mesh of one data rank (dp=1, tp=2) both
+    ranks iterate the same shard; the check used to skip loaders of one shard."""
+    env = {"STATE": str(tmp_path / "rng.pt"), "MESH": mesh}
     results = run_case(
         2,
         "steps:2,save,steps:2,save",
@@ -336,32 +332,6 @@ def test_a_long_error_reaches_every_rank_whole(tmp_path: Path) -> None:
     for rank in (0, 1):
         assert f"rank 0: no checkpoint at {deep / 'rng.pt'}: its commit record" in messages[rank]
         assert "pass the path given to save_state, or start fresh" in messages[rank]
-
-
-def test_under_a_mesh_of_one_data_rank_a_save_at_different_positions_is_refused(
-    tmp_path: Path,
-) -> None:
-    """dp=1, tp=2: both ranks iterate the same shard, so they must stand at one position. The
-    check used to skip loaders of one shard, commit the save and delete save 1."""
-    env = {"STATE": str(tmp_path / "rng.pt"), "MESH": "dp=1,tp=2"}
-    results = run_case(
-        2,
-        "steps:2,save,steps:2,save",
-        env=env,
-        per_rank={1: {"ACTIONS": "steps:2,save,steps:3,save"}},
-    )
-    assert_all_failed(
-        results,
-        "AgreementError",
-        "the ranks stand at different epochs or loader positions",
-        "rank 0: epoch 0, loader 'train' at 16",
-        "rank 1: epoch 0, loader 'train' at 20",
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "rng.commit.json",
-        "rng.rank0.1.pt",
-        "rng.rank1.1.pt",
-    ]
 
 
 def test_save_on_only_some_ranks_names_the_call_and_the_absent_rank(tmp_path: Path) -> None:
