@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import weakref
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -366,7 +367,7 @@ def loopback_hint(topo: Topology) -> str:
     )
 
 
-def refuse_unknown_launch(topo: Topology, env: dict[str, str] | os._Environ[str]) -> None:
+def refuse_unknown_launch(topo: Topology, env: Mapping[str, str]) -> None:
     """Raise where no launcher ddpseed reads was found, yet ``WORLD_SIZE`` says several ranks.
 
     PyTorch Lightning's own launcher starts its other processes with ``LOCAL_RANK`` and

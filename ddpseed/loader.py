@@ -100,8 +100,9 @@ class SeededDataLoader(DataLoader[Any]):
             # torch made a plain BatchSampler over the same sampler; ours numbers batches from
             # the sampler's seek and carries their seeds. torch guards the attribute against
             # users swapping it mid-run, which is not what happens here.
-            batches = SeededBatchSampler(sampler, batch_size, drop_last, seeds, workers, randomness)
-            batches.owner = name
+            batches = SeededBatchSampler(
+                sampler, batch_size, drop_last, seeds, workers, randomness, owner=name
+            )
             object.__setattr__(self, "batch_sampler", batches)
         self.name = name
         self.randomness: Randomness = randomness
@@ -369,8 +370,10 @@ class SeededDataLoader(DataLoader[Any]):
             raise StateError(f"{problem}. Nothing was restored")
         origin = self._continue(state)
         self._restores += 1
-        self._restored_state = {k: state[k] for k in ("epoch", "position", "finished")}
-        self._restored_state["origin"] = origin
+        self._restored_state = {
+            **{k: state[k] for k in ("epoch", "position", "finished")},
+            "origin": origin,
+        }
 
     def rewind(self, state: dict[str, Any]) -> None:
         """Go back to ``state`` (a :meth:`snapshot` of this loader) when a restore is undone:

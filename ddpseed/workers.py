@@ -178,6 +178,8 @@ class SeededBatchSampler(BatchSampler):
         seeds: WorkerInitFn | None = None,
         workers: int = 0,
         randomness: Randomness = "batch",
+        *,
+        owner: str = "",
     ) -> None:
         if seeds is None:  # made again from (sampler, batch_size, drop_last), as torch's is
             raise TypeError(
@@ -196,7 +198,7 @@ class SeededBatchSampler(BatchSampler):
         # True only while its loader's iter() makes torch's iterator: whatever else iterates
         # it (accelerate's prepare or skip_first_batches) would go uncounted.
         self.armed = False
-        self.owner = ""  # the loader's name
+        self.owner = owner  # the loader's name
 
     def __iter__(self) -> Iterator[list[int]]:
         if not self.armed:
